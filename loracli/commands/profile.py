@@ -1,0 +1,127 @@
+"""`lora profile …`: the TOML profile store."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from typing import List, Optional
+
+import typer
+
+from loracli import output, paths, profiles
+from loracli.errors import LoraError
+
+app = typer.Typer(help="Training profiles: list, show, create, edit, validate.", no_args_is_help=True)
+
+NameArg = typer.Argument(..., help="Profile name.", autocompletion=profiles.complete_name)
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+SetOpt = typer.Option(None, "--set", help="Override a key for this command: SECTION.KEY=VALUE.")
+
+
+def _description(name: str, path) -> str:
+    text = profiles.preset_text(name) if path is None else path.read_text("utf-8", "replace")
+    first = text.lstrip("\ufeff").splitlines()[0] if text.strip() else ""
+    return first.split("—", 1)[-1].strip() if first.startswith("#") else ""
+
+
+@app.command("list")
+def list_(json: bool = JsonOpt) -> None:
+    """List built-in presets and your profiles."""
+    rows = []
+    user = set(profiles.user_names())
+    for name in profiles.names():
+        path = paths.profiles_dir() / f"{name}.toml" if name in user else None
+        kind = "user" if path else "preset"
+        if path and name in profiles.preset_names():
+            kind = "user (shadows preset)"
+        rows.append({"name": name, "kind": kind, "path": str(path or ""),
+                     "description": _description(name, path)})
+    output.emit(rows, json, lambda r: output.table(r, ["name", "kind", "description"]))
+
+
+@app.command()
+def show(
+    name: str = NameArg,
+    resolved: bool = typer.Option(False, "--resolved", help="Every key after defaults and --set."),
+    set_: Optional[List[str]] = SetOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Print a profile (the file with its comments, or --resolved values)."""
+    if json or resolved or set_:
+        profile = profiles.load(name, set_ or [])
+        output.emit(profile.to_dict(), json, lambda _: print(profile.to_toml(), end=""))
+    else:
+        print(profiles.raw_text(name), end="")
+
+
+@app.command()
+def new(
+    name: str = NameArg,
+    from_: str = typer.Option("default", "--from", help="Preset or profile to copy.",
+                              autocompletion=profiles.complete_name),
+    force: bool = typer.Option(False, "--force", help="Replace an existing profile."),
+    json: bool = JsonOpt,
+) -> None:
+    """Create a profile from a preset, comments included."""
+    path = profiles.create(name, from_, force=force)
+    output.note(f"created profile {name} from {from_}; edit it with `lora profile edit {name}`")
+    output.emit({"name": name, "path": str(path)}, json, lambda r: print(r["path"]))
+
+
+@app.command()
+def edit(name: str = NameArg) -> None:
+    """Open a profile in $VISUAL/$EDITOR, then validate it."""
+    target = paths.profiles_dir() / f"{profiles.check_name(name)}.toml"
+    if not target.is_file():
+        source = name if name in profiles.names() else "default"
+        profiles.create(name, source)
+        output.note(f"created {target} from {source}")
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or _default_editor()
+    try:
+        code = subprocess.call([*shlex.split(editor), str(target)])
+    except FileNotFoundError:
+        raise LoraError(f"editor {editor!r} not found",
+                        "set EDITOR, e.g. `export EDITOR=nano`") from None
+    if code != 0:
+        raise LoraError(f"editor exited with status {code}; {target} kept as it is")
+    profiles.load(str(target))
+    output.note(f"{name}: valid")
+
+
+def _default_editor() -> str:
+    for candidate in ("nano", "vim", "vi", "notepad"):
+        if shutil.which(candidate):
+            return candidate
+    raise LoraError("no editor found", "set EDITOR, e.g. `export EDITOR=nano`")
+
+
+@app.command()
+def validate(
+    name_or_path: str = typer.Argument(..., help="Profile name or a .toml/.yaml file.",
+                                       autocompletion=profiles.complete_name),
+    set_: Optional[List[str]] = SetOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Check a profile strictly; list every problem at once."""
+    profile = profiles.load(name_or_path, set_ or [])
+    output.emit({"name": profile.name, "valid": True, "profile": profile.to_dict()}, json,
+                lambda _: print(f"{name_or_path}: valid"))
+
+
+@app.command()
+def path(name: str = NameArg, json: bool = JsonOpt) -> None:
+    """Print where a profile's file is."""
+    found, file = profiles.locate(name)
+    where = file or (profiles.preset_dir() / f"{found}.toml")
+    output.emit({"name": found, "path": str(where), "preset": file is None}, json,
+                lambda r: print(r["path"]))
+
+
+@app.command()
+def rm(name: str = NameArg, json: bool = JsonOpt) -> None:
+    """Delete one of your profiles (presets cannot be deleted)."""
+    removed = profiles.remove(name)
+    output.note(f"removed {removed}")
+    output.emit({"name": name, "path": str(removed)}, json, lambda r: None)
