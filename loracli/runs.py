@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracli import paths
 from loracli.errors import LoraError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -134,6 +133,3 @@ def info(run_dir: Path) -> dict:
 def default_output_dir(profile_name: str, template: str) -> Path:
     return Path(template.format(profile=profile_name)).expanduser()
 
-
-__all__ = ["Checkpoint", "checkpoint_dir", "checkpoints", "info", "latest", "resolve", "verify",
-           "sha256_file", "paths"]
