@@ -84,10 +84,11 @@ def _root(
 
 
 def _register() -> None:
-    from loracli.commands import doctor, profile
+    from loracli.commands import completion, doctor, profile
 
     app.add_typer(profile.app, name="profile")
     app.command("doctor")(doctor.doctor)
+    app.command("completion")(completion.completion)
 
 
 _register()
