@@ -1,0 +1,322 @@
+"""LoRA key conversion as pure functions: `state_dict in → state_dict out`, tables as constants.
+
+Everything meets in one common form, a list of `LoraModule` (component, module path, down, up,
+alpha), so that every writer applies `alpha / rank × strength`, the scale every loader uses:
+
+- peft (`lora_A`/`lora_B` + `adapter_config.json`) → common: alpha = scaling × r, i.e.
+  `lora_alpha` (rsLoRA: `lora_alpha × √r`), per module when the config has patterns.
+- common → kohya/A1111 (`lora_unet_…`, `lora_te_text_model_…`, `.lora_down`/`.lora_up`/`.alpha`):
+  a pure rename, no transpose. SD1/SD2 UNet names use the diffusers layout; SDXL UNet names use
+  the original LDM layout (`lora_unet_input_blocks_4_1_…`) by kohya's convention.
+- common → diffusers (`unet.….lora_A.weight` + `lora_adapter_metadata` in the header).
+- kohya, diffusers or peft files → common, for `lora inspect`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+# kohya key prefix per component and family (kohya-ss/sd-scripts networks/lora.py).
+KOHYA_PREFIXES = {
+    "sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                   "lora_te2": "text_encoder_2"}
+KOHYA_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+# transformers 5 CLIPTextModel paths start at `encoder.`; WebUI keys must read `text_model_encoder_`.
+CLIP_TEXT_MODEL_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
+
+# diffusers UNet → original LDM (sgm) UNet names, SDXL's kohya layout.
+UNET_TOP_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+MID_TO_LDM = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1",
+              "resnets.1": "middle_block.2"}
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                    r"\.(\d+)\.(.+)$")
+_MID = re.compile(r"^mid_block\.(resnets\.\d+|attentions\.0)\.(.+)$")
+
+
+class ConversionError(ValueError):
+    """A state dict that cannot be converted faithfully (the caller turns it into a LoraError)."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank update: W += strength × alpha / rank × up @ down."""
+
+    component: str   # unet | text_encoder | text_encoder_2
+    path: str        # the module's dotted path in the diffusers/transformers model
+    down: Any        # [r, in] or [r, in, kh, kw]   (peft lora_A, kohya lora_down)
+    up: Any          # [out, r] or [out, r, 1, 1]   (peft lora_B, kohya lora_up)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self):
+        """The full weight update at strength 1, in fp32 (`scale × up @ down`)."""
+        up, down = self.up.float(), self.down.float()
+        if down.dim() == 4:
+            return self.scale * (up.flatten(1) @ down.flatten(1)).reshape(
+                up.shape[0], *down.shape[1:])
+        return self.scale * (up @ down)
+
+
+# ---------------------------------------------------------------------------- peft → common
+
+def peft_alpha(config: dict, path: str, rank: int) -> float:
+    """The kohya alpha (scaling × r) that reproduces peft's scaling for one module."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = float(config.get("lora_alpha", rank))
+    patterns = config.get("alpha_pattern") or {}
+    if patterns:
+        key = get_pattern_key(list(patterns), path)
+        alpha = float(patterns.get(key, alpha))
+    if config.get("use_rslora"):
+        return alpha * math.sqrt(rank)
+    return alpha
+
+
+def from_peft(component: str, state_dict: dict, config: dict) -> list[LoraModule]:
+    """A peft adapter (`get_peft_model_state_dict` + `LoraConfig.to_dict()`) in common form."""
+    if config.get("use_dora"):
+        raise ConversionError(
+            f"{component}: DoRA adapters (use_dora) cannot be written as a kohya/diffusers LoRA "
+            "without changing their effect")
+    if config.get("peft_type", "LORA") not in ("LORA", None):
+        raise ConversionError(f"{component}: adapter type {config.get('peft_type')} is not LoRA")
+    downs, ups = {}, {}
+    for key, tensor in state_dict.items():
+        if key.endswith(".lora_A.weight"):
+            downs[key[: -len(".lora_A.weight")]] = tensor
+        elif key.endswith(".lora_B.weight"):
+            ups[key[: -len(".lora_B.weight")]] = tensor
+        else:
+            raise ConversionError(f"{component}: {key} is not a plain LoRA tensor "
+                                  "(DoRA, lora_bias or modules_to_save cannot be exported)")
+    if set(downs) != set(ups):
+        missing = sorted(set(downs) ^ set(ups))[0]
+        raise ConversionError(f"{component}: {missing} has only one of lora_A/lora_B")
+    return [LoraModule(component, path, downs[path], ups[path],
+                       peft_alpha(config, path, int(downs[path].shape[0])))
+            for path in sorted(downs)]
+
+
+# ---------------------------------------------------------------------------- common → kohya
+
+def unet_to_ldm(path: str, unet_config: dict) -> str:
+    """A diffusers UNet module path in the original LDM layout (`input_blocks.4.1.…`)."""
+    if path in UNET_TOP_TO_LDM:
+        return UNET_TOP_TO_LDM[path]
+    per_level = int(_layers_per_block(unet_config)) + 1
+    m = _BLOCK.match(path)
+    if m:
+        side, level, kind, index, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if side == "down_blocks":
+            if kind == "downsamplers":
+                return f"input_blocks.{(level + 1) * per_level}.0.{_rename(rest, {'conv': 'op'})}"
+            block = level * per_level + index + 1
+        else:
+            if kind == "upsamplers":
+                has_attn = "CrossAttn" in unet_config["up_block_types"][level]
+                return f"output_blocks.{level * per_level + per_level - 1}.{2 if has_attn else 1}.{rest}"
+            block = level * per_level + index
+        ldm = "input_blocks" if side == "down_blocks" else "output_blocks"
+        if kind == "resnets":
+            return f"{ldm}.{block}.0.{_rename(rest, RESNET_TO_LDM)}"
+        return f"{ldm}.{block}.1.{rest}"
+    m = _MID.match(path)
+    if m:
+        rest = m.group(2)
+        if m.group(1).startswith("resnets"):
+            rest = _rename(rest, RESNET_TO_LDM)
+        if m.group(1) not in MID_TO_LDM:
+            raise ConversionError(f"unet: {path} has no LDM equivalent")
+        return f"{MID_TO_LDM[m.group(1)]}.{rest}"
+    raise ConversionError(f"unet: {path} has no LDM equivalent")
+
+
+def _layers_per_block(unet_config: dict) -> int:
+    lpb = unet_config.get("layers_per_block", 2)
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise ConversionError("unet: layers_per_block differs between blocks; no LDM layout")
+        lpb = lpb[0]
+    return int(lpb)
+
+
+def _rename(rest: str, table: dict) -> str:
+    head, _, tail = rest.partition(".")
+    if head not in table:
+        raise ConversionError(f"unet: resnet module {head!r} has no LDM equivalent")
+    return table[head] + (f".{tail}" if tail else "")
+
+
+def kohya_stem(component: str, path: str, family: str, unet_config: dict | None = None) -> str:
+    """`lora_unet_down_blocks_0_…`, `lora_te_text_model_encoder_layers_0_…`, `lora_te2_…`."""
+    prefixes = KOHYA_PREFIXES.get(family)
+    if prefixes is None or component not in prefixes:
+        raise ConversionError(f"{component}: no kohya prefix for family {family!r}")
+    if component == "unet":
+        name = unet_to_ldm(path, unet_config or {}) if family == "sdxl" else path
+    elif path.startswith(CLIP_TEXT_MODEL_ROOTS):
+        name = "text_model." + path
+    else:
+        name = path  # CLIPTextModelWithProjection keeps `text_model.`; `text_projection` sits outside
+    return f"{prefixes[component]}_{name.replace('.', '_')}"
+
+
+def to_kohya(modules: list[LoraModule], family: str, unet_config: dict | None = None,
+             dtype=None) -> dict:
+    """The kohya/A1111 state dict. Alpha is stored fp32 so rsLoRA's √r survives an fp16 file."""
+    import torch
+
+    out = {}
+    for m in modules:
+        stem = kohya_stem(m.component, m.path, family, unet_config)
+        if f"{stem}.alpha" in out:
+            raise ConversionError(f"{m.component}: two modules map to {stem}")
+        out[f"{stem}.lora_down.weight"] = _cast(m.down, dtype)
+        out[f"{stem}.lora_up.weight"] = _cast(m.up, dtype)
+        out[f"{stem}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out
+
+
+def _cast(tensor, dtype):
+    t = tensor.detach().contiguous()
+    return t.to(dtype) if dtype is not None else t
+
+
+# ---------------------------------------------------------------------------- common → diffusers
+
+def to_diffusers(modules: list[LoraModule], configs: dict[str, dict], dtype=None
+                 ) -> tuple[dict, dict]:
+    """`pytorch_lora_weights.safetensors` tensors and header, the layout `save_lora_weights` writes.
+
+    The adapter configs travel in the `lora_adapter_metadata` header key (prefixed per component),
+    so `load_lora_weights` rebuilds the exact LoraConfig: alpha, rsLoRA and patterns included.
+    """
+    tensors = {}
+    for m in modules:
+        tensors[f"{m.component}.{m.path}.lora_A.weight"] = _cast(m.down, dtype)
+        tensors[f"{m.component}.{m.path}.lora_B.weight"] = _cast(m.up, dtype)
+    packed = {}
+    for component, config in configs.items():
+        clean = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        packed.update({f"{component}.{k}": v for k, v in clean.items()})
+    header = {"format": "pt"}
+    if packed:
+        header["lora_adapter_metadata"] = json.dumps(packed, indent=2, sort_keys=True)
+    return tensors, header
+
+
+# ---------------------------------------------------------------------------- any file → common
+
+def detect_format(keys) -> str:
+    """kohya | diffusers | peft | unknown, from tensor names alone."""
+    keys = list(keys)
+    if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"))
+                    for k in keys):
+        return "kohya"
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
+        return "diffusers"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One module of any LoRA file, for inspection (tensors not kept)."""
+
+    component: str
+    name: str
+    rank: int
+    alpha: float
+    kind: str = "lora"   # lora | dora | loha | lokr | other
+
+
+def kohya_entries(state_dict: dict) -> list[Entry]:
+    stems: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        stem, _, leaf = key.partition(".")
+        stems.setdefault(stem, {})[leaf] = tensor
+    entries = []
+    for stem, parts in sorted(stems.items()):
+        prefix = stem.split("_", 2)
+        prefix = "_".join(prefix[:2])
+        component = KOHYA_COMPONENT.get(prefix, prefix)
+        kind, rank = _kohya_kind(parts)
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+        entries.append(Entry(component, stem, rank, alpha, kind))
+    return entries
+
+
+def _kohya_kind(parts: dict) -> tuple[str, int]:
+    if "lora_down.weight" in parts:
+        return ("dora" if "dora_scale" in parts else "lora"), int(parts["lora_down.weight"].shape[0])
+    if "hada_w1_b" in parts:
+        return "loha", int(parts["hada_w1_b"].shape[0])
+    if "lokr_w1" in parts or "lokr_w1_a" in parts:
+        w = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+        return "lokr", int(w.shape[0]) if w is not None else 0
+    return "other", 0
+
+
+def diffusers_entries(state_dict: dict, adapter_metadata: dict | None) -> list[Entry]:
+    by_component: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        component, _, rest = key.partition(".")
+        by_component.setdefault(component, {})[rest] = tensor
+    entries = []
+    for component, sd in sorted(by_component.items()):
+        config = {k[len(component) + 1:]: v for k, v in (adapter_metadata or {}).items()
+                  if k.startswith(component + ".")}
+        entries += [Entry(component, e.name, e.rank, e.alpha, e.kind)
+                    for e in peft_entries(sd, config or None)]
+    return entries
+
+
+def peft_entries(state_dict: dict, config: dict | None) -> list[Entry]:
+    """Entries of a peft state dict; without a config alpha is unknown and reported as rank."""
+    entries = []
+    dora = {k.rsplit(".lora_magnitude_vector", 1)[0] for k in state_dict if "lora_magnitude_vector" in k}
+    for key, tensor in sorted(state_dict.items()):
+        for suffix in (".lora_A.weight", ".lora.down.weight", "_lora.down.weight"):
+            if key.endswith(suffix):
+                path = key[: -len(suffix)].removeprefix("base_model.model.")
+                rank = int(tensor.shape[0])
+                alpha = peft_alpha(config, path, rank) if config else float(rank)
+                entries.append(Entry("model", path, rank, alpha,
+                                     "dora" if key[: -len(suffix)] in dora else "lora"))
+    return entries
