@@ -89,6 +89,9 @@ def _register() -> None:
     app.add_typer(profile.app, name="profile")
     app.command("doctor")(doctor.doctor)
     app.command("completion")(completion.completion)
+    from loracli.commands import fetch as fetch_cmd
+
+    app.command("fetch")(fetch_cmd.fetch)
 
 
 _register()
