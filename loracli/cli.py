@@ -92,6 +92,10 @@ def _register() -> None:
     from loracli.commands import fetch as fetch_cmd
 
     app.command("fetch")(fetch_cmd.fetch)
+    from loracli.commands import export as export_cmd, inspect as inspect_cmd
+
+    app.command("export")(export_cmd.export)
+    app.command("inspect")(inspect_cmd.inspect)
 
 
 _register()

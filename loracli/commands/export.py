@@ -1,0 +1,57 @@
+"""`lora export RUN`: a run's checkpoint as a LoRA file for WebUI, ComfyUI and diffusers."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loracli import output
+
+
+class Format(str, Enum):
+    kohya = "kohya"
+    diffusers = "diffusers"
+    peft = "peft"
+    merged = "merged"
+
+
+class Dtype(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+def export(
+    run: str = typer.Argument(..., help="Run folder (e.g. output/anime) or profile name."),
+    format: Format = typer.Option(Format.kohya, "--format", "-f",
+                                  help="kohya: WebUI/ComfyUI/diffusers file; diffusers: "
+                                       "pytorch_lora_weights.safetensors; peft: adapter folders; "
+                                       "merged: a full pipeline with the LoRA fused in."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
+    dtype: Dtype = typer.Option(Dtype.fp16, "--dtype", help="Tensor precision of the file."),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (file or folder)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The NAME in <lora:NAME:0.8> (default: the profile's)."),
+    weight: float = typer.Option(1.0, "--weight", help="Strength fused in by --format merged."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing export."),
+    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Export a trained LoRA (default: kohya .safetensors, the WebUI layout, fp16)."""
+    from loracli import export as exporting
+
+    result = exporting.export(run, format=format.value, step=step, dtype=dtype.value, output=out,
+                              name=name, force=force, weight=weight)
+    if result.already:
+        output.note(f"already exported (identical file): {result.path}")
+    else:
+        output.note(f"exported step {result.step} as {result.format} ({result.dtype}): "
+                    + ", ".join(f"{n} {c} modules" for c, n in result.modules.items()))
+    output.emit(result.to_dict(), json, _render)
+
+
+def _render(result: dict) -> None:
+    print(result["path"])
+    if result["format"] == "kohya":
+        print(result["prompt"])

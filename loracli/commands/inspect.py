@@ -1,0 +1,47 @@
+"""`lora inspect FILE`: format, ranks, alphas, base model and metadata of any LoRA file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from loracli import output
+
+
+def inspect(
+    file: Path = typer.Argument(..., help="A kohya, diffusers or peft LoRA (.safetensors or peft folder)."),
+    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Show what a LoRA file holds: format, rank, alpha, base model, modules, metadata."""
+    from loracli import inspection
+
+    output.emit(inspection.inspect_lora(file), json, _render)
+
+
+def _render(report: dict) -> None:
+    meta = report["metadata"]
+    rows = [
+        ("file", report["path"]),
+        ("format", report["format"]),
+        ("base model", report["base_model_version"]),
+        ("name", report["name"] or "-"),
+        ("modules", ", ".join(f"{c} {n}" for c, n in report["modules"].items())),
+        ("rank", ", ".join(map(str, report["ranks"]))),
+        ("alpha", ", ".join(f"{a:g}" for a in report["alphas"])),
+        ("kind", ", ".join(f"{k} {n}" for k, n in report["kinds"].items())),
+        ("dtype", ", ".join(report["dtypes"])),
+        ("trigger words", ", ".join(report["trigger_words"]) or "-"),
+    ]
+    for key in ("ss_steps", "ss_learning_rate", "ss_resolution", "ss_sd_model_name",
+                "loracli.base_commit", "sshs_model_hash"):
+        if key in meta:
+            rows.append((key, meta[key]))
+    if isinstance(meta.get("ss_tag_frequency"), dict):
+        tags = {}
+        for folder in meta["ss_tag_frequency"].values():
+            for tag, n in folder.items():
+                tags[tag] = tags.get(tag, 0) + n
+        top = sorted(tags.items(), key=lambda t: -t[1])[:10]
+        rows.append(("top tags", ", ".join(f"{t} ({n})" for t, n in top)))
+    output.table([{"field": k, "value": v} for k, v in rows], ["field", "value"])

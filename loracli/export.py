@@ -1,0 +1,467 @@
+"""`lora export`: a run's checkpoint as a file WebUI, ComfyUI and diffusers load with its exact effect.
+
+Read the run (run.json, profile.toml, dataset.json, the chosen checkpoint), convert the peft
+adapters with `loracli.convert`, check every module against the base model's own weights (a
+key that matches nothing would load and do nothing), add the metadata loaders and model sites
+read, and write atomically. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from loracli import __version__, atomic, convert, runs
+from loracli.errors import LoraError
+
+FORMATS = ("kohya", "diffusers", "peft", "merged")
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                  "sdxl": "stable-diffusion-xl-v1-base"}
+MODELSPEC_IMPL = {"sd1": "diffusers", "sd2": "diffusers",
+                  "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: str
+    name: str
+    step: int
+    dtype: str
+    modules: dict = field(default_factory=dict)   # component → number of modules
+    already: bool = False                          # an identical file was already there
+
+    @property
+    def snippet(self) -> str:
+        return f"<lora:{self.name}:0.8>"
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "name": self.name,
+                "step": self.step, "dtype": self.dtype, "modules": self.modules,
+                "already_exported": self.already, "prompt": self.snippet}
+
+
+@dataclass(frozen=True)
+class Run:
+    """What export reads from a run folder."""
+
+    dir: Path
+    info: dict
+    profile: dict          # the frozen profile.toml as a mapping ({} when absent)
+    dataset: dict
+    step: int
+    epoch: int | None
+    adapters: dict         # component → (peft state dict, adapter config)
+
+    @property
+    def family(self) -> str:
+        return self.info.get("base", {}).get("family") or "sd1"
+
+
+def export(run: str | Path, format: str = "kohya", step: int | None = None, dtype: str = "fp16",
+           output: str | Path | None = None, name: str | None = None, force: bool = False,
+           weight: float = 1.0) -> ExportResult:
+    """Write one export of `run` (a run folder or a profile name); returns where and what."""
+    if format not in FORMATS:
+        raise LoraError(f"unknown format {format!r}", "use --format " + "|".join(FORMATS))
+    if dtype not in DTYPES:
+        raise LoraError(f"unknown dtype {dtype!r}", "use --dtype fp16, bf16 or fp32")
+    if weight != 1.0 and format != "merged":
+        raise LoraError("--weight only applies to --format merged",
+                        "for the other formats set the strength where you load the LoRA, "
+                        "e.g. <lora:NAME:0.8>")
+    r = read_run(runs.resolve(str(run)), step)
+    name = _check_name(name or r.info.get("profile") or r.dir.name)
+    target = Path(output).expanduser() if output else default_path(r.dir, name, format)
+    base = base_folder(r)
+    modules = _modules(r, format)
+    check_against_base(modules, base, r.family)
+    counts = dict(Counter(m.component for m in modules))
+    result = ExportResult(target, format, name, r.step, dtype, counts)
+    torch_dtype = _torch_dtype(dtype)
+    if format == "merged":
+        _write_merged(target, base, modules, weight, torch_dtype, force)
+        return result
+    if format == "peft":
+        _write_peft(target, r, torch_dtype, metadata(r, name, modules, dtype), force)
+        return result
+    if format == "kohya":
+        unet_config = _read_json(base / "unet" / "config.json")
+        try:
+            tensors = convert.to_kohya(modules, r.family, unet_config, torch_dtype)
+        except convert.ConversionError as e:
+            raise LoraError(f"cannot export to kohya: {e}",
+                            "lora export RUN --format peft keeps any adapter as it is") from None
+        header = metadata(r, name, modules, dtype)
+    else:
+        if target.suffix != ".safetensors":
+            target = target / "pytorch_lora_weights.safetensors"
+            result = ExportResult(target, format, name, r.step, dtype, counts)
+        tensors, header = convert.to_diffusers(modules, {c: cfg for c, (_, cfg) in r.adapters.items()},
+                                               torch_dtype)
+        header.update(metadata(r, name, modules, dtype, kohya=False))
+    _check_finite(tensors, dtype)
+    data = serialize(tensors, header)
+    if target.exists() and not force:
+        if target.is_file() and same_safetensors(target.read_bytes(), data):
+            return ExportResult(target, format, name, r.step, dtype, counts, already=True)
+        raise _exists(target, r.dir)
+    atomic.write_bytes(target, data)
+    return result
+
+
+# ---------------------------------------------------------------------------- reading a run
+
+def read_run(run_dir: Path, step: int | None = None) -> Run:
+    from safetensors.torch import load_file
+
+    info = runs.info(run_dir)
+    checkpoint = runs.latest(run_dir, step)
+    state = _read_json(checkpoint.path / "state.json")
+    profile = {}
+    if (run_dir / "profile.toml").is_file():
+        from loracli import profiles
+
+        profile = profiles.read_mapping(run_dir / "profile.toml")
+    adapters = {}
+    for component in convert.COMPONENTS:
+        folder = checkpoint.path / component
+        if (folder / "adapter_model.safetensors").is_file():
+            adapters[component] = (load_file(str(folder / "adapter_model.safetensors")),
+                                   _read_json(folder / "adapter_config.json"))
+    if not adapters:
+        raise LoraError(f"{checkpoint.path}: no adapter_model.safetensors in it",
+                        "the checkpoint is not a LoRA checkpoint; pick another with --step N")
+    return Run(Path(run_dir), info, profile, _read_json(run_dir / "dataset.json"),
+               checkpoint.step, state.get("epoch"), adapters)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise LoraError(f"{path}: not valid JSON ({e})") from None
+
+
+def _modules(r: Run, format: str) -> list:
+    modules = []
+    for component, (state_dict, config) in r.adapters.items():
+        if format == "peft" and config.get("use_dora"):
+            # peft keeps DoRA as it is; only the module paths are checked.
+            config = {k: v for k, v in config.items() if k != "use_dora"}
+            state_dict = {k: v for k, v in state_dict.items() if "lora_magnitude_vector" not in k}
+        try:
+            modules += convert.from_peft(component, state_dict, config)
+        except convert.ConversionError as e:
+            raise LoraError(f"cannot export {r.dir}: {e}",
+                            f"lora export {r.dir} --format peft keeps the adapter as trained"
+                            if format != "peft" else None) from None
+    return modules
+
+
+def base_folder(r: Run) -> Path:
+    base = r.info.get("base", {})
+    path = Path(base["path"]).expanduser() if base.get("path") else None
+    if path is not None and path.exists():
+        return path
+    model = base.get("model") or r.profile.get("model", {}).get("base")
+    if not model:
+        raise LoraError(f"{r.dir}/run.json names no base model", "re-run `lora train` for this run")
+    from loracli import models
+
+    return models.local_snapshot(model)
+
+
+def default_path(run_dir: Path, name: str, format: str) -> Path:
+    return {"kohya": run_dir / f"{name}.safetensors",
+            "diffusers": run_dir / f"{name}-diffusers" / "pytorch_lora_weights.safetensors",
+            "peft": run_dir / f"{name}-peft",
+            "merged": run_dir / f"{name}-merged"}[format]
+
+
+def _check_name(name: str) -> str:
+    if not name or any(c in name for c in '/\\:<>"|?*') or name.startswith("."):
+        raise LoraError(f"invalid name {name!r} for <lora:NAME:w>",
+                        "use letters, digits, - and _, e.g. --name anime")
+    return name
+
+
+def _exists(target: Path, run_dir: Path) -> LoraError:
+    return LoraError(f"{target} already exists", f"lora export {run_dir} --force replaces it; "
+                     "-o PATH writes somewhere else")
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, DTYPES[dtype])
+
+
+# ---------------------------------------------------------------------------- the base model check
+
+def base_modules(base: Path, component: str) -> dict[str, tuple]:
+    """Module path → weight shape of one component, read from its safetensors headers only."""
+    from safetensors import safe_open
+
+    if base.is_file():
+        raise LoraError(f"{base}: checking a LoRA against a single-file base model is not "
+                        "supported", "train from the diffusers folder: `lora fetch MODEL` gets one")
+    files = sorted((base / component).glob("*.safetensors"))
+    if not files:
+        raise LoraError(f"{base / component}: no .safetensors weights to check the LoRA against",
+                        "lora fetch MODEL downloads the model's safetensors weights")
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            for key in weights.keys():
+                if key.endswith(".weight"):
+                    path = key[: -len(".weight")]
+                    if component != "unet" and _is_clip_text_model(base / component):
+                        path = path.removeprefix("text_model.")
+                    shapes[path] = tuple(weights.get_slice(key).get_shape())
+    return shapes
+
+
+def _is_clip_text_model(folder: Path) -> bool:
+    """transformers 5 `CLIPTextModel` has no `.text_model`; old files still carry the prefix."""
+    return "CLIPTextModel" in _read_json(folder / "config.json").get("architectures", [])
+
+
+def check_against_base(modules: list, base: Path, family: str) -> None:
+    """Every module must exist in the base model with matching shapes, under its kohya name too."""
+    problems = []
+    unet_config = _read_json(base / "unet" / "config.json")
+    for component in sorted({m.component for m in modules}):
+        shapes = base_modules(base, component)
+        kohya_names = set()
+        if component in convert.KOHYA_PREFIXES.get(family, {}):
+            for path in shapes:
+                try:
+                    kohya_names.add(convert.kohya_stem(component, path, family, unet_config))
+                except convert.ConversionError:
+                    pass
+        for m in (m for m in modules if m.component == component):
+            shape = shapes.get(m.path)
+            if shape is None:
+                problems.append(f"{component}.{m.path}: no such module in the base model")
+            elif m.down.shape[1] != shape[1] or m.up.shape[0] != shape[0]:
+                problems.append(f"{component}.{m.path}: LoRA shape {tuple(m.up.shape[:1])}x"
+                                f"{tuple(m.down.shape[1:2])} does not fit the base weight {shape}")
+            elif kohya_names and _stem(m, family, unet_config) not in kohya_names:
+                problems.append(f"{component}.{m.path}: its kohya name matches no base module")
+    if problems:
+        raise LoraError(f"{len(problems)} LoRA module(s) do not map onto the base model {base}; "
+                        "nothing was written", "the run was trained on another base model? "
+                        "check run.json's base.path, or `lora fetch` the model it names",
+                        details=problems[:10] + ([f"… and {len(problems) - 10} more"]
+                                                 if len(problems) > 10 else []))
+
+
+def _stem(m, family, unet_config) -> str | None:
+    try:
+        return convert.kohya_stem(m.component, m.path, family, unet_config)
+    except convert.ConversionError:
+        return None
+
+
+def _check_finite(tensors: dict, dtype: str) -> None:
+    import torch
+
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise LoraError(f"{len(bad)} tensor(s) are not finite in {dtype} (first: {bad[0]})",
+                        "--dtype fp32 (or bf16) keeps large values; NaN means the run diverged")
+
+
+# ---------------------------------------------------------------------------- metadata
+
+def metadata(r: Run, name: str, modules: list, dtype: str, kohya: bool = True) -> dict[str, str]:
+    """The header keys WebUI, model sites and `lora inspect` read (every value a string)."""
+    profile, data = r.profile, r.dataset
+    lora, train = profile.get("lora", {}), profile.get("train", {})
+    base = r.info.get("base", {})
+    ranks = Counter(m.rank for m in modules)
+    alphas = Counter(round(m.alpha, 6) for m in modules)
+    resolution = data.get("resolution") or profile.get("data", {}).get("resolution") or 512
+    trigger = profile.get("data", {}).get("trigger", "")
+    started = r.info.get("started_at", "")
+    v_pred = base.get("prediction_type") == "v_prediction"
+    meta = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCH.get(r.family, r.family)
+        .replace("v2-512", "v2-768-v" if v_pred else "v2-512") + "/lora",
+        "modelspec.implementation": MODELSPEC_IMPL.get(r.family, "diffusers"),
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.date": started[:10] if started else "",
+        "loracli.version": __version__,
+        "loracli.base_model": str(base.get("model") or ""),
+        "loracli.base_repo": str(base.get("repo") or ""),
+        "loracli.base_commit": str(base.get("commit") or ""),
+        "loracli.family": r.family,
+        "loracli.step": str(r.step),
+        "loracli.dtype": dtype,
+        "loracli.trigger_words": json.dumps([trigger] if trigger else []),
+    }
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+    if not kohya:
+        return {k: v for k, v in meta.items() if v != ""}
+    conv = [m for m in modules if m.down.dim() == 4]
+    args = {"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)} if conv else {}
+    if lora.get("rslora"):
+        args["rslora"] = "True"
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.most_common(1)[0][0]),
+        "ss_network_alpha": _num(alphas.most_common(1)[0][0]),
+        "ss_network_args": json.dumps(args),
+        "ss_network_dropout": str(lora.get("dropout", "")),
+        "ss_base_model_version": BASE_VERSION.get(r.family, r.family),
+        "ss_v2": str(r.family == "sd2"),
+        "ss_v_parameterization": str(v_pred),
+        "ss_sd_model_name": str(base.get("repo") or base.get("model") or ""),
+        "ss_output_name": name,
+        "ss_tag_frequency": json.dumps(data.get("tag_frequency", {}), ensure_ascii=False),
+        "ss_num_train_images": str(data.get("num_images", "")),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_steps": str(r.step),
+        "ss_max_train_steps": str(train.get("max_steps", "")),
+        "ss_epoch": str(r.epoch if r.epoch is not None else ""),
+        "ss_learning_rate": str(train.get("learning_rate", "")),
+        "ss_unet_lr": str(train.get("learning_rate", "")),
+        "ss_text_encoder_lr": str(train.get("text_encoder_lr") or train.get("learning_rate", "")),
+        "ss_lr_scheduler": str(train.get("scheduler", "")),
+        "ss_optimizer": str(train.get("optimizer", "")),
+        "ss_batch_size_per_device": str(train.get("batch_size", "")),
+        "ss_gradient_accumulation_steps": str(train.get("gradient_accumulation", "")),
+        "ss_mixed_precision": str(train.get("mixed_precision", "")),
+        "ss_seed": str(train.get("seed", "")),
+        "ss_noise_offset": str(train.get("noise_offset", "")),
+        "ss_min_snr_gamma": str(train.get("min_snr_gamma", "")),
+        "ss_clip_skip": "None",
+        "ss_caption_dropout_rate": str(profile.get("data", {}).get("caption_dropout", "")),
+        "ss_shuffle_caption": str(profile.get("data", {}).get("shuffle_captions", "")),
+        "ss_keep_tokens": str(profile.get("data", {}).get("keep_tokens", "")),
+        "ss_training_started_at": _epoch(started),
+        "ss_training_comment": f"trained with lora {r.info.get('lora_version', __version__)}"
+                               + (f"; trigger: {trigger}" if trigger else ""),
+    })
+    return {k: v for k, v in meta.items() if v != ""}
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _epoch(iso: str) -> str:
+    try:
+        return str(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return ""
+
+
+def serialize(tensors: dict, header: dict) -> bytes:
+    """safetensors bytes with `sshs_model_hash`/`modelspec.hash_sha256` (sha256 after the header)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=header)
+    size = int.from_bytes(data[:8], "little")
+    digest = hashlib.sha256(data[8 + size:]).hexdigest()
+    return save(tensors, metadata={**header, "sshs_model_hash": digest,
+                                   "modelspec.hash_sha256": "0x" + digest})
+
+
+def same_safetensors(a: bytes, b: bytes) -> bool:
+    """Equal tensors and header; the header's key order is not stable between writes."""
+    try:
+        na, nb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
+        return a[8 + na:] == b[8 + nb:] and json.loads(a[8:8 + na]) == json.loads(b[8:8 + nb])
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------- folder formats
+
+def _write_peft(target: Path, r: Run, torch_dtype, header: dict, force: bool) -> None:
+    """`<component>/adapter_model.safetensors` + `adapter_config.json`, what PeftModel loads."""
+    with _folder(target, force, r.dir) as tmp:
+        for component, (state_dict, config) in r.adapters.items():
+            tensors = {k: v.to(torch_dtype).contiguous() for k, v in state_dict.items()}
+            _check_finite(tensors, str(torch_dtype))
+            config = {**config, "base_model_name_or_path": r.info.get("base", {}).get("repo")
+                      or r.info.get("base", {}).get("path")}
+            (tmp / component).mkdir()
+            (tmp / component / "adapter_model.safetensors").write_bytes(serialize(tensors, header))
+            (tmp / component / "adapter_config.json").write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+
+
+def _write_merged(target: Path, base: Path, modules: list, weight: float, torch_dtype,
+                  force: bool) -> None:
+    """The base pipeline with `W += weight × alpha/r × up @ down` folded in, saved whole."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if target.exists() and not force:
+        raise _exists(target, target.parent)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "modules kept in float32" noise on the cast below
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(base), dtype=torch.float32,
+                                                 local_files_only=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        for m in modules:
+            layer = getattr(pipe, m.component).get_submodule(m.path)
+            layer.weight += weight * m.delta().to(layer.weight.dtype)
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.to(torch_dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    with _folder(target, force, target.parent) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+
+
+class _folder:
+    """A folder written beside `target` under a temporary name and renamed into place at the end."""
+
+    def __init__(self, target: Path, force: bool, run_dir: Path):
+        self.target, self.force, self.run_dir = Path(target), force, run_dir
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.force:
+            raise _exists(self.target, self.run_dir)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}."))
+        return self.tmp
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            self.target.rename(old)
+        self.tmp.rename(self.target)
+        atomic.fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
