@@ -1,0 +1,128 @@
+"""Key conversion tables and alpha arithmetic, tested with literals (no models loaded)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loracli import convert
+
+SDXL_UNET = {"layers_per_block": 2,
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+
+
+@pytest.mark.parametrize("path, ldm", [
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
+    ("down_blocks.1.attentions.1.proj_in", "input_blocks.5.1.proj_in"),
+    ("down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_out.0", "input_blocks.7.1.transformer_blocks.1.attn2.to_out.0"),
+    ("down_blocks.0.resnets.1.conv1", "input_blocks.2.0.in_layers.2"),
+    ("down_blocks.0.resnets.0.time_emb_proj", "input_blocks.1.0.emb_layers.1"),
+    ("down_blocks.1.resnets.0.conv_shortcut", "input_blocks.4.0.skip_connection"),
+    ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+    ("mid_block.attentions.0.transformer_blocks.0.ff.net.2", "middle_block.1.transformer_blocks.0.ff.net.2"),
+    ("mid_block.resnets.1.conv2", "middle_block.2.out_layers.3"),
+    ("up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_k", "output_blocks.2.1.transformer_blocks.0.attn1.to_k"),
+    ("up_blocks.1.attentions.0.proj_out", "output_blocks.3.1.proj_out"),
+    ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
+    ("up_blocks.2.resnets.2.norm2", "output_blocks.8.0.out_layers.0"),
+    ("conv_in", "input_blocks.0.0"),
+    ("add_embedding.linear_2", "label_emb.0.2"),
+    ("time_embedding.linear_1", "time_embed.0"),
+])
+def test_sdxl_unet_names_follow_the_ldm_layout(path, ldm):
+    assert convert.unet_to_ldm(path, SDXL_UNET) == ldm
+
+
+def test_unknown_unet_module_has_no_ldm_name():
+    with pytest.raises(convert.ConversionError, match="no LDM equivalent"):
+        convert.unet_to_ldm("down_blocks.0.resnets.0.mystery", SDXL_UNET)
+
+
+@pytest.mark.parametrize("component, path, family, stem", [
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "sd1",
+     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+    ("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0", "sd2",
+     "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0"),
+    # transformers 5 CLIPTextModel paths start at `encoder.`: `text_model_` must be inserted.
+    ("text_encoder", "encoder.layers.0.self_attn.q_proj", "sd1",
+     "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
+    ("text_encoder", "encoder.layers.11.mlp.fc1", "sdxl",
+     "lora_te1_text_model_encoder_layers_11_mlp_fc1"),
+    # CLIPTextModelWithProjection keeps its `text_model.`: not doubled.
+    ("text_encoder_2", "text_model.encoder.layers.0.self_attn.out_proj", "sdxl",
+     "lora_te2_text_model_encoder_layers_0_self_attn_out_proj"),
+    ("text_encoder_2", "text_projection", "sdxl", "lora_te2_text_projection"),
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "sdxl",
+     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
+])
+def test_kohya_stems(component, path, family, stem):
+    assert convert.kohya_stem(component, path, family, SDXL_UNET) == stem
+
+
+def test_sd1_has_no_second_text_encoder_prefix():
+    with pytest.raises(convert.ConversionError):
+        convert.kohya_stem("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj", "sd1")
+
+
+@pytest.mark.parametrize("config, rank, alpha", [
+    ({"r": 8, "lora_alpha": 16}, 8, 16.0),                        # alpha ≠ rank kept as is
+    ({"r": 4, "lora_alpha": 4}, 4, 4.0),
+    ({"r": 8, "lora_alpha": 4, "use_rslora": True}, 8, 4 * math.sqrt(8)),   # scaling 4/√8 = α_k/8
+    ({"r": 16, "lora_alpha": 8, "alpha_pattern": {"to_q": 2}}, 16, 2.0),
+])
+def test_peft_alpha_reproduces_peft_scaling(config, rank, alpha):
+    got = convert.peft_alpha(config, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", rank)
+    assert got == pytest.approx(alpha, rel=1e-12)
+
+
+def _sd(rank=2, out=6, inp=5, extra=None):
+    import torch
+
+    sd = {"a.to_q.lora_A.weight": torch.ones(rank, inp), "a.to_q.lora_B.weight": torch.ones(out, rank)}
+    sd.update(extra or {})
+    return sd
+
+
+def test_to_kohya_is_a_pure_rename_with_fp32_alpha():
+    import torch
+
+    modules = convert.from_peft("unet", _sd(), {"r": 2, "lora_alpha": 3, "use_rslora": True})
+    out = convert.to_kohya(modules, "sd1", dtype=torch.float16)
+    assert sorted(out) == ["lora_unet_a_to_q.alpha", "lora_unet_a_to_q.lora_down.weight",
+                           "lora_unet_a_to_q.lora_up.weight"]
+    assert out["lora_unet_a_to_q.lora_down.weight"].shape == (2, 5)
+    assert out["lora_unet_a_to_q.lora_up.weight"].dtype == torch.float16
+    assert out["lora_unet_a_to_q.alpha"].dtype == torch.float32
+    assert out["lora_unet_a_to_q.alpha"].item() == pytest.approx(3 * math.sqrt(2), rel=1e-7)
+
+
+def test_dora_and_extra_tensors_are_refused():
+    import torch
+
+    with pytest.raises(convert.ConversionError, match="DoRA"):
+        convert.from_peft("unet", _sd(), {"r": 2, "lora_alpha": 2, "use_dora": True})
+    with pytest.raises(convert.ConversionError, match="not a plain LoRA tensor"):
+        convert.from_peft("unet", _sd(extra={"a.to_q.lora_B.bias": torch.ones(6)}), {"r": 2})
+
+
+def test_to_diffusers_packs_the_adapter_config_per_component():
+    import json
+
+    modules = convert.from_peft("text_encoder", _sd(), {"r": 2, "lora_alpha": 4})
+    tensors, header = convert.to_diffusers(modules, {"text_encoder": {"r": 2, "lora_alpha": 4,
+                                                                      "target_modules": {"q"}}})
+    assert sorted(tensors) == ["text_encoder.a.to_q.lora_A.weight", "text_encoder.a.to_q.lora_B.weight"]
+    assert json.loads(header["lora_adapter_metadata"]) == {
+        "text_encoder.r": 2, "text_encoder.lora_alpha": 4, "text_encoder.target_modules": ["q"]}
+
+
+@pytest.mark.parametrize("keys, fmt", [
+    (["lora_unet_x.lora_down.weight", "lora_te_y.alpha"], "kohya"),
+    (["unet.x.lora_A.weight", "text_encoder.y.lora_B.weight"], "diffusers"),
+    (["base_model.model.x.lora_A.weight"], "peft"),
+    (["down_blocks.0.x.lora_A.weight"], "peft"),
+    (["model.diffusion_model.x.weight"], "unknown"),
+])
+def test_detect_format(keys, fmt):
+    assert convert.detect_format(keys) == fmt
