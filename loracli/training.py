@@ -233,6 +233,7 @@ class Model:
                 self.configs[name] = _lora_config(l.rank, l.alpha, l.dropout,
                                                   l.text_encoder_targets, l.rslora, l.dora)
         self.trained = {}
+        torch.manual_seed(_seed(profile.train.seed, 3))  # LoRA A matrices start random: same seed, same start
         for module in (self.unet, self.vae, *self.encoders):
             module.requires_grad_(False)
             module.to(device)
@@ -585,3 +586,42 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
             log.close()
     result.status = "finished"
     return result
+
+
+def evaluate(run_dir: Path, step: int | None = None, use_lora: bool = True, draws: int = 8,
+             seed: int = 1234) -> float:
+    """Mean denoising loss over the run's images with fixed noise and timesteps.
+
+    With `use_lora=False` the adapter stays at its initial value (lora_B = 0), which is the base
+    model exactly; comparing the two shows what training changed.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    profile = load_profile(run_dir)
+    d = profile.data
+    data = ds.plan(ds.scan(d.dir, d.caption_ext, d.trigger), d.resolution, d.bucket_step,
+                   d.bucketing)
+    model = Model(run_dir, profile, torch.device("cpu"), torch.float32)
+    if use_lora:
+        model.load_adapters(checkpoints.load(runs.latest(run_dir, step).path)["adapters"])
+    for module in model.trained.values():
+        module.eval()
+    T = model.noise.config.num_train_timesteps
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, sample in enumerate(data.samples):
+            resized, top_left = ds.geometry(sample, "center")
+            latent = model.encode_pixels(ds.load_pixels(sample, resized, top_left, False)[None])
+            text = model.encode_text([sample.example.caption])
+            (bw, bh), (w, h) = sample.bucket, sample.size
+            sizes = {"original_size": torch.tensor([[h, w]], dtype=torch.float32),
+                     "crop_top_left": torch.tensor([top_left], dtype=torch.float32),
+                     "target_size": torch.tensor([[bh, bw]], dtype=torch.float32)}
+            for k in range(draws):
+                g = torch.Generator().manual_seed(_seed(seed, i, k))
+                noise = torch.randn(latent.shape, generator=g)
+                timesteps = torch.randint(0, T, (1,), generator=g)
+                total += model.loss(model.unet, latent, text, sizes, noise, timesteps, 0.0).item()
+                count += 1
+    return total / count
