@@ -89,9 +89,15 @@ def _register() -> None:
     app.add_typer(profile.app, name="profile")
     app.command("doctor")(doctor.doctor)
     app.command("completion")(completion.completion)
-    from loracli.commands import fetch as fetch_cmd
+    from loracli.commands import cache as cache_cmd, fetch as fetch_cmd, mirror as mirror_cmd
 
     app.command("fetch")(fetch_cmd.fetch)
+    app.add_typer(mirror_cmd.app, name="mirror")
+    app.add_typer(cache_cmd.app, name="cache")
+    from loracli.commands import resume as resume_cmd, train as train_cmd
+
+    app.command("train")(train_cmd.train)
+    app.command("resume")(resume_cmd.resume)
     from loracli.commands import export as export_cmd, inspect as inspect_cmd
 
     app.command("export")(export_cmd.export)
