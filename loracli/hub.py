@@ -215,7 +215,8 @@ def list_files_mirror(client: Client, mirror: Mirror, ref: models.ModelRef) -> L
         raise MirrorError(f"serves {data.get('revision', 'main')} ({commit[:7]}) only, "
                           f"not {ref.revision}", True)
     entries = [{"type": "file", "path": f["path"], "size": f["size"], "oid": f.get("oid"),
-                "lfs": {"oid": f["sha256"]} if f.get("sha256") else None} for f in data["files"]]
+                "lfs": {"oid": f["sha256"]} if f.get("sha256") and (f.get("lfs", True) or not f.get("oid"))
+                else None} for f in data["files"]]
     return Listing(ref.repo_id, ref.revision, commit, _files_from_tree(entries), mirror)
 
 
@@ -436,26 +437,6 @@ def _mismatch(f: RemoteFile, hashers) -> str | None:
     return None
 
 
-def verify_blob(path: Path, name: str, size: int | None = None) -> str | None:
-    """Re-hash a cached blob against its name (sha256 or git oid); a problem string, or None."""
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    if len(name) == 64:
-        h = hashlib.sha256()
-    elif len(name) == 40:
-        h = hashlib.sha1(b"blob %d\0" % st.st_size)
-    else:
-        return None
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK * 8), b""):
-            h.update(chunk)
-    if size is not None and st.st_size != size:
-        return f"size {st.st_size}, expected {size}"
-    return None if h.hexdigest() == name else f"digest {h.hexdigest()[:12]}… does not match {name[:12]}…"
-
-
 # --- the fetch -------------------------------------------------------------------------------
 
 def _offline() -> bool:
@@ -509,7 +490,7 @@ def _complete(repo_dir: Path, commit: str, files: list[RemoteFile]) -> bool:
 def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
           include=(), exclude=(), variant: str | None = None, strict: bool = False,
           dry_run: bool = False, workers: int = 4, timeout: float | None = None,
-          on_event: Events | None = None) -> dict:
+          on_event: Events | None = None, allow_stale: bool = True) -> dict:
     """Fetch `model` into the cache (verified, resumable); returns what was done."""
     event = on_event or (lambda e: None)
     ref = models.resolve(model)
@@ -538,7 +519,7 @@ def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
     if listing is None:
         commit = models.commit_for(ref.repo_id, ref.revision, cache)
         hint = f"lora mirror test   (or `lora fetch {model} --mirror hf-mirror`)"
-        if commit and (repo_dir / "snapshots" / commit).is_dir():
+        if allow_stale and commit and (repo_dir / "snapshots" / commit).is_dir():
             event({"event": "note", "message": "no mirror answers; the cached copy is used as it is"})
             return {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": commit,
                     "snapshot": str(repo_dir / "snapshots" / commit), "cached": True, "downloaded": 0,
@@ -602,3 +583,35 @@ def _record_local(ref: models.ModelRef, snap: Path) -> dict:
     return {"model": ref.name, "repo_id": ref.repo_id, "revision": "main", "commit": snap.name,
             "snapshot": str(snap), "size": total, "files": len(files), "downloaded": 0,
             "cached": True, "mirror": "local build"}
+
+
+def probe(mirror: Mirror, model: str = "sd15", file: str = "model_index.json",
+          timeout: float = 10.0) -> dict:
+    """Is a mirror reachable, how fast does it answer, does it serve a small known file?"""
+    client = Client(timeout, _token(), 1)
+    ref = models.resolve(model)
+    row = {"name": mirror.name, "url": mirror.url, "kind": mirror.kind, "reachable": False,
+           "latency_ms": None, "serves_file": False, "error": "", "retired": mirror.retired}
+    start = time.monotonic()
+    try:
+        kind = client.kind(mirror)
+        row["kind"] = kind
+        if kind == "hub":
+            info, _ = client.get_json(mirror, f"{mirror.url}/api/models/{ref.repo_id}/revision/main")
+            row["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+            row["reachable"] = True
+            url = file_url(client, mirror, ref.repo_id, str(info.get("sha", "main")), file)
+        else:
+            url = file_url(client, mirror, ref.repo_id, "", file)
+        r = client.request(mirror, url)
+        if row["latency_ms"] is None:
+            row["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+        row["reachable"] = True
+        _check_status(r, url)
+        row["serves_file"] = bool(r.data)
+    except MirrorError as e:
+        row["error"] = str(e)
+        if row["latency_ms"] is None and ("HTTP" in str(e)):
+            row["reachable"] = True
+            row["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+    return row

@@ -269,3 +269,110 @@ def install_tiny(name: str = "tiny-sd") -> Path:
         shutil.rmtree(build, ignore_errors=True)
         set_ref(repo_dir, "main", commit)
     return repo_dir / "snapshots" / commit
+
+
+# --- the cache: list, verify, remove ---------------------------------------------------------
+
+def verify_blob(path: Path, name: str, size: int | None = None) -> str | None:
+    """Re-hash a cached blob against its name (sha256, or the git oid of a small file); returns
+    a problem, or None when it is intact (or its name is no digest, so there is nothing to check)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    if size is not None and st.st_size != size:
+        return f"size {st.st_size}, expected {size}"
+    if len(name) == 64:
+        h = hashlib.sha256()
+    elif len(name) == 40:
+        h = hashlib.sha1(b"blob %d\0" % st.st_size)
+    else:
+        return None
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
+            h.update(chunk)
+    return None if h.hexdigest() == name else f"digest {h.hexdigest()[:12]}… does not match {name[:12]}…"
+
+
+def cached() -> list[dict]:
+    """Every model in the cache (huggingface_hub's scan), joined with what `lora fetch` tracked."""
+    from loracli import tracking
+
+    cache = paths.cache_dir()
+    tracked = tracking.load()
+    rows = []
+    if cache.is_dir():
+        from huggingface_hub import scan_cache_dir
+
+        for repo in sorted(scan_cache_dir(cache).repos, key=lambda r: r.repo_id):
+            if repo.repo_type != "model":
+                continue
+            recs = [r for r in tracked.values() if r["repo_id"] == repo.repo_id]
+            rec = recs[0] if recs else {}
+            refs = {ref: rev.commit_hash for rev in repo.revisions for ref in rev.refs}
+            commit = rec.get("commit") or refs.get("main") or next(iter(refs.values()), "")
+            rows.append({
+                "model": rec.get("name") or repo.repo_id, "repo_id": repo.repo_id,
+                "commit": commit, "revisions": len(repo.revisions), "files": repo.nb_files,
+                "size": repo.size_on_disk, "last_sync": rec.get("last_sync") or rec.get("fetched_at", ""),
+                "tracked": bool(rec), "path": str(repo.repo_path),
+            })
+    return rows
+
+
+def verify(model: str | None = None, repair: bool = True) -> list[dict]:
+    """Re-hash the snapshot files of one model (or all); a corrupt blob is deleted when `repair`,
+    so the next `lora fetch` downloads it again. One dict per model: files, bad [{path, problem}]."""
+    from loracli import tracking
+
+    cache = paths.cache_dir()
+    if model:
+        ref = resolve(model)
+        targets = [(ref.name, ref.repo_id, commit_for(ref.repo_id, ref.revision, cache))]
+        if targets[0][2] is None:
+            raise LoraError(f"{model} is not in the model cache ({cache})", f"lora fetch {model}")
+    else:
+        targets = [(r["model"], r["repo_id"], r["commit"]) for r in cached()]
+    tracked = {(r["repo_id"], r["commit"]): r for r in tracking.load().values()}
+    reports = []
+    for name, repo_id, commit in targets:
+        snap = repo_folder(repo_id, cache) / "snapshots" / commit
+        rec = tracked.get((repo_id, commit), {})
+        expected = rec.get("files") or {}
+        paths_ = sorted(set(expected) | {p.relative_to(snap).as_posix() for p in snap.rglob("*")
+                                         if p.is_file() or p.is_symlink()})
+        bad = []
+        for rel in paths_:
+            p = snap / rel
+            meta = expected.get(rel, {})
+            blob = Path(os.path.realpath(p))
+            name_ = meta.get("blob") or blob.name
+            problem = verify_blob(blob, name_, meta.get("size"))
+            if problem:
+                bad.append({"path": rel, "problem": problem})
+                if repair and blob.is_file() and blob.parent.name == "blobs":
+                    blob.unlink()
+        reports.append({"model": name, "repo_id": repo_id, "commit": commit, "files": len(paths_),
+                        "bad": bad, "ok": not bad})
+    return reports
+
+
+def remove(model: str) -> dict:
+    """Delete a model's folder from the cache (all its revisions) and forget its records."""
+    from filelock import FileLock
+
+    from loracli import tracking
+
+    ref = resolve(model)
+    cache = paths.cache_dir()
+    repo_dir = repo_folder(ref.repo_id, cache)
+    if not repo_dir.exists():
+        raise LoraError(f"{model} is not in the model cache ({cache})", "lora cache list")
+    size = sum(p.stat().st_size for p in (repo_dir / "blobs").glob("*") if p.is_file())
+    (cache / ".locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".locks" / f"{repo_dir.name}.lora.lock")):
+        trash = repo_dir.with_name(f".{repo_dir.name}.removing-{os.getpid()}")
+        os.replace(repo_dir, trash)  # atomic: readers see all of it or none
+        shutil.rmtree(trash)
+    tracking.remove(ref.repo_id)
+    return {"model": ref.name, "repo_id": ref.repo_id, "path": str(repo_dir), "freed": size}

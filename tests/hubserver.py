@@ -161,8 +161,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self._record(status=status, sent=0)
 
-    def _error(self, status, code, message="error"):
+    def _error(self, status, code, message="error", file=None):
         self._send_json({"error": message}, status, {"X-Error-Code": code})
+        if file is not None:
+            self.server.log[-1]["file"] = file
 
     def _record(self, **info):
         rec = {"method": self.command, "path": self.path, "range": self.headers.get("Range"),
@@ -286,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = next((f for f in self.server.faults if f.kind in ("drop", "status", "corrupt", "stall")
                       and self.command == "GET" and f.take(rel)), None)
         if fault and fault.kind == "status":
-            return self._error(fault.status, "ServerError", "injected failure")
+            return self._error(fault.status, "ServerError", "injected failure", file=rel)
         length = max(0, end - start + 1)
         self.send_response(status)
         self.send_header("Content-Length", str(length))
@@ -335,6 +337,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):  # a client hanging up is not news
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 @contextmanager

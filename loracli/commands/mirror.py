@@ -1,0 +1,145 @@
+"""`lora mirror …`: choose where models come from, test mirrors, and sync the cache from cron."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from loracli import output
+
+app = typer.Typer(help="Mirrors: list, add, remove, use, test; sync tracked models (cron) and status.",
+                  no_args_is_help=True)
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
+
+def _complete(incomplete: str) -> list[str]:
+    from loracli import mirrors
+
+    try:
+        return [n for n in mirrors.all_mirrors() if n.startswith(incomplete)]
+    except Exception:  # completion must never fail loudly
+        return []
+
+
+NameArg = typer.Argument(..., help="Mirror name (or an http(s) URL).", autocompletion=_complete)
+
+
+@app.command("list")
+def list_(json: bool = JsonOpt) -> None:
+    """List built-in and your mirrors, the default and the fallbacks."""
+    from loracli import mirrors
+
+    rows = mirrors.listing()
+    output.emit(rows, json, lambda r: output.table(r, ["name", "kind", "role", "url", "status"]))
+
+
+@app.command()
+def add(
+    name: str = typer.Argument(..., help="A short name, e.g. company."),
+    url: str = typer.Argument(..., help="Base URL, e.g. https://hf.example.internal"),
+    kind: str = typer.Option("hub", "--kind", help="hub (Hugging Face API) or files (plain files)."),
+    force: bool = typer.Option(False, "--force", help="Replace a mirror of the same name."),
+    json: bool = JsonOpt,
+) -> None:
+    """Add a mirror."""
+    from loracli import mirrors
+
+    m = mirrors.add(name, url, kind, force=force)
+    output.note(f"added {name}; make it the default with `lora mirror use {name}`")
+    output.emit(m.to_dict(), json, lambda r: None)
+
+
+@app.command()
+def remove(name: str = NameArg, json: bool = JsonOpt) -> None:
+    """Remove one of your mirrors."""
+    from loracli import mirrors
+
+    m = mirrors.remove(name)
+    output.note(f"removed {name}")
+    output.emit(m.to_dict(), json, lambda r: None)
+
+
+@app.command()
+def use(name: str = NameArg, json: bool = JsonOpt) -> None:
+    """Make a mirror the default for `lora fetch` and `lora mirror sync`."""
+    from loracli import mirrors
+
+    m = mirrors.use(name)
+    output.note(f"default mirror: {m.name} ({m.url})")
+    output.emit(m.to_dict(), json, lambda r: None)
+
+
+@app.command()
+def test(
+    names: Optional[List[str]] = typer.Argument(None, help="Mirrors to test (default: all).",
+                                                autocompletion=_complete),
+    model: str = typer.Option("sd15", "--model", help="Model whose small file is asked for."),
+    file: str = typer.Option("model_index.json", "--file", help="That small file."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds before a mirror counts as down."),
+    json: bool = JsonOpt,
+) -> None:
+    """Is each mirror reachable, how fast, does it serve a small known file?"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loracli import hub, mirrors
+
+    chosen = [mirrors.get(n) for n in names] if names else list(mirrors.all_mirrors().values())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        rows = list(pool.map(lambda m: hub.probe(m, model, file, timeout), chosen))
+    output.emit(rows, json, _render_test)
+
+
+def _render_test(rows: list[dict]) -> None:
+    shown = [{**r, "reachable": "yes" if r["reachable"] else "no",
+              "latency": f"{r['latency_ms']:.0f} ms" if r["latency_ms"] is not None else "",
+              "serves file": "yes" if r["serves_file"] else "no",
+              "note": r["error"] or (f"retired: {r['retired']}" if r["retired"] else "")} for r in rows]
+    output.table(shown, ["name", "kind", "reachable", "latency", "serves file", "note"])
+
+
+@app.command()
+def sync(
+    models: Optional[List[str]] = typer.Argument(None, help="Tracked models to sync (default: all)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", "-m", help="Mirror name or URL for this run."),
+    wait: bool = typer.Option(False, "--wait", help="Queue behind a running sync instead of exiting 2."),
+    publish: Optional[Path] = typer.Option(None, "--publish", help="Also write a files-kind tree "
+                                           "(files + manifest) here, for a static web server."),
+    strict: bool = typer.Option(False, "--strict", help="No fallback to other mirrors."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds before a stalled mirror is left."),
+    json: bool = JsonOpt,
+) -> None:
+    """Bring every tracked model to its mirror's current commit (cron-friendly; exit 1 if any failed)."""
+    from loracli import sync as sync_lib
+    from loracli.commands.fetch import Reporter
+
+    reporter = Reporter()
+    try:
+        result = sync_lib.sync(models or None, mirror=mirror, wait=wait, publish=publish,
+                               strict=strict, timeout=timeout, on_event=reporter)
+    finally:
+        reporter.close()
+    output.emit(result, json, lambda r: _render_status(r["models"]))
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(json: bool = JsonOpt) -> None:
+    """The last sync of each tracked model (tunasync-style)."""
+    from loracli import sync as sync_lib
+
+    rows = sync_lib.status_rows()
+    if not rows and not json:
+        output.note("no sync has run yet; try `lora mirror sync`")
+    output.emit(rows, json, _render_status)
+
+
+def _render_status(rows: list[dict]) -> None:
+    from loracli.commands.fetch import _size
+
+    shown = [{**r, "commit": (r.get("commit") or "")[:7], "size": _size(r.get("size") or 0),
+              "last_update": r.get("last_update") or "never", "error": r.get("error_msg", "")}
+             for r in rows]
+    output.table(shown, ["name", "status", "commit", "size", "last_update", "last_ended", "error"])
