@@ -117,6 +117,7 @@ def from_peft(component: str, state_dict: dict, config: dict) -> list[LoraModule
         raise ConversionError(f"{component}: adapter type {config.get('peft_type')} is not LoRA")
     downs, ups = {}, {}
     for key, tensor in state_dict.items():
+        key = key.removeprefix("base_model.model.")  # PeftModel.save_pretrained's prefix
         if key.endswith(".lora_A.weight"):
             downs[key[: -len(".lora_A.weight")]] = tensor
         elif key.endswith(".lora_B.weight"):

@@ -24,6 +24,7 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                   "sdxl": "stable-diffusion-xl-v1-base"}
+PEFT_PREFIX = "base_model.model."
 MODELSPEC_IMPL = {"sd1": "diffusers", "sd2": "diffusers",
                   "sdxl": "https://github.com/Stability-AI/generative-models"}
 
@@ -290,7 +291,7 @@ def metadata(r: Run, name: str, modules: list, dtype: str, kohya: bool = True) -
     lora, train = profile.get("lora", {}), profile.get("train", {})
     base = r.info.get("base", {})
     ranks = Counter(m.rank for m in modules)
-    alphas = Counter(round(m.alpha, 6) for m in modules)
+    alphas = Counter(m.alpha for m in modules)
     resolution = data.get("resolution") or profile.get("data", {}).get("resolution") or 512
     trigger = profile.get("data", {}).get("trigger", "")
     started = r.info.get("started_at", "")
@@ -399,7 +400,9 @@ def _write_peft(target: Path, r: Run, torch_dtype, header: dict, force: bool) ->
     """`<component>/adapter_model.safetensors` + `adapter_config.json`, what PeftModel loads."""
     with _folder(target, force, r.dir) as tmp:
         for component, (state_dict, config) in r.adapters.items():
-            tensors = {k: v.to(torch_dtype).contiguous() for k, v in state_dict.items()}
+            # PeftModel.save_pretrained's layout: keys under `base_model.model.`.
+            tensors = {PEFT_PREFIX + k.removeprefix(PEFT_PREFIX): v.to(torch_dtype).contiguous()
+                       for k, v in state_dict.items()}
             _check_finite(tensors, str(torch_dtype))
             config = {**config, "base_model_name_or_path": r.info.get("base", {}).get("repo")
                       or r.info.get("base", {}).get("path")}
