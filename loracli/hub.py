@@ -505,6 +505,7 @@ def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
     if ref.local:
         snap = models.install_tiny(ref.alias)
         return _record_local(ref, snap)
+    chain = mirrors.chain(mirror or ref.endpoint, strict)
     if _offline():
         commit = models.commit_for(ref.repo_id, ref.revision, cache)
         if commit and (repo_dir / "snapshots" / commit).is_dir():
@@ -513,7 +514,6 @@ def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
                     "cached": True, "downloaded": 0, "offline": True}
         raise LoraError(f"HF_HUB_OFFLINE is set, so {ref.name} cannot be downloaded",
                         f"HF_HUB_OFFLINE=0 lora fetch {model}")
-    chain = mirrors.chain(mirror or ref.endpoint, strict)
     client = Client(timeout, _token(), workers)
     listing, sources, reasons = find_listing(client, ref, chain, event)
     if listing is None:
