@@ -15,6 +15,11 @@ ADAPTER = "default"
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
+# fp16 storage rounds lora_down/lora_up to 11 significant bits (unit roundoff 2^-11 ≈ 4.9e-4), so
+# max|fp16 export - trained| ≤ k · max|trained - base| with k = 5e-3 (about 10 unit roundoffs).
+# Measured k: SD1 5.2e-4 (UNet), 4.9e-4 (text encoder); SDXL 1.1e-3, 2.7e-4, 3.8e-4.
+FP16_RELATIVE_BOUND = 5e-3
+
 
 def encoders(family: str) -> tuple[str, ...]:
     return ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)

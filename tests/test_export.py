@@ -8,16 +8,12 @@ import json
 import math
 
 import pytest
-from export_fixtures import make_run, outputs, pipeline_outputs, reference_models
+from export_fixtures import FP16_RELATIVE_BOUND, make_run, outputs, pipeline_outputs, reference_models
 
 from loracli import export as exporting
 from loracli.errors import LoraError
 
 pytestmark = pytest.mark.slow
-
-# fp16 storage rounds lora_down/lora_up to 11 significant bits: the error is a small fraction of
-# the LoRA's own effect. Measured about 4e-4 (UNet) and 5e-4 (text encoder) of the effect.
-FP16_RELATIVE_BOUND = 5e-3
 
 
 @pytest.fixture(scope="module")
