@@ -52,6 +52,16 @@ def _disk(path: Path) -> dict:
     return {"path": str(path), "free_gb": round(usage.free / 1e9, 1)}
 
 
+def _mirror(config: dict) -> str:
+    from loracli import mirrors
+
+    try:
+        m = mirrors.get(mirrors.default_name(config))
+    except Exception as e:  # a broken mirror setting is what doctor must report
+        return f"{mirrors.default_name(config)} ({e})"
+    return f"{m.name} ({m.url}, {m.kind})" if m.name != m.url else m.url
+
+
 def collect() -> dict:
     config = settings.load()
     return {
@@ -63,6 +73,6 @@ def collect() -> dict:
         "accelerate_config": _accelerate_config(),
         "home": str(paths.home()),
         "cache": _disk(paths.cache_dir()),
-        "default_mirror": os.environ.get("LORA_MIRROR") or config.get("default_mirror", "hf"),
+        "default_mirror": _mirror(config),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
     }
