@@ -89,6 +89,9 @@ def _register() -> None:
     app.add_typer(profile.app, name="profile")
     app.command("doctor")(doctor.doctor)
     app.command("completion")(completion.completion)
+    from loracli.commands import caption as caption_cmd
+
+    app.command("caption")(caption_cmd.caption)
     from loracli.commands import cache as cache_cmd, fetch as fetch_cmd, mirror as mirror_cmd
 
     app.command("fetch")(fetch_cmd.fetch)
