@@ -51,7 +51,8 @@ class StopFlag:
     def __init__(self):
         self.requested = False
 
-    def install(self, notify: Callable[[str], None] | None = None) -> None:
+    def install(self, notify: Callable[[str], None] | None = None) -> dict:
+        """Handle SIGINT/SIGTERM (main thread only); returns the handlers it replaced."""
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
@@ -60,8 +61,16 @@ class StopFlag:
                 notify("stopping after this step and saving a checkpoint "
                        "(press Ctrl+C again to abort without saving)")
 
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @contextlib.contextmanager
+    def installed(self, notify: Callable[[str], None] | None = None):
+        previous = self.install(notify)
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------- the run folder
@@ -89,8 +98,12 @@ def changed_keys(old: profiles.Profile, new: profiles.Profile) -> list[str]:
 
 
 def start(profile: profiles.Profile, restart: bool = False,
-          on_warning: Callable[[str], None] | None = None) -> tuple[Path, bool]:
-    """The run folder for `profile`: `(path, True)` when an existing run is to be resumed."""
+          on_warning: Callable[[str], None] | None = None,
+          invocation: str | None = None) -> tuple[Path, bool]:
+    """The run folder for `profile`: `(path, True)` when an existing run is to be resumed.
+
+    `invocation` is the command that started it, for the hint (default `lora train --profile NAME`).
+    """
     warn = on_warning or (lambda _m: None)
     profile = _frozen(profile)
     run_dir = Path(profile.train.output_dir)
@@ -106,7 +119,7 @@ def start(profile: profiles.Profile, restart: bool = False,
                 raise LoraError(
                     f"profile {profile.name!r} changed since the run in {run_dir} started",
                     f"`lora resume {run_dir}` continues with the run's own settings; "
-                    f"`lora train --profile {profile.name} --restart` starts a new run "
+                    f"`{invocation or 'lora train --profile ' + profile.name} --restart` starts a new run "
                     "(the old one is kept)", details=changed)
             return run_dir, True
     base = families.resolve_base(profile.model.base, profile.model.family,

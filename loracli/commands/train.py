@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -52,21 +53,12 @@ def run_with_progress(run_dir: Path, processes: int, extra_steps: int = 0, until
     from loracli import launch, training
 
     stop = training.StopFlag()
-    stop.install(output.note)
     live = processes <= 1 and output.is_terminal(sys.stderr)
     reporter = RichProgress() if live else None
-    with reporter or _nothing():
+    with stop.installed(output.note), reporter or contextlib.nullcontext():
         return launch.train(run_dir, processes, on_step=reporter or launch.plain_progress(),
                             on_warning=output.warn, stop=stop, extra_steps=extra_steps,
                             until_step=until_step)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def report(result, as_json: bool, run_arg: str) -> None:
@@ -104,7 +96,9 @@ def train(
 
     overrides = list(set_ or []) + ([f"train.processes={processes}"] if processes else [])
     prof = profiles.load(str(config) if config else (profile or "default"), overrides)
-    run_dir, resumed = training.start(prof, restart=restart, on_warning=output.warn)
+    invocation = f"lora train --config {config}" if config else f"lora train --profile {prof.name}"
+    run_dir, resumed = training.start(prof, restart=restart, on_warning=output.warn,
+                                      invocation=invocation)
     if resumed:
         output.note(f"resuming the run in {run_dir}")
     n = processes or training.load_profile(run_dir).train.processes
