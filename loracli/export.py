@@ -81,20 +81,20 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
     r = read_run(runs.resolve(str(run)), step)
     name = _check_name(name or r.info.get("profile") or r.dir.name)
     target = Path(output).expanduser() if output else default_path(r.dir, name, format)
-    base = base_folder(r)
+    base, config_dir = base_folder(r)
     modules = _modules(r, format)
-    check_against_base(modules, base, r.family)
+    check_against_base(modules, config_dir, r.family)
     counts = dict(Counter(m.component for m in modules))
     result = ExportResult(target, format, name, r.step, dtype, counts)
     torch_dtype = _torch_dtype(dtype)
     if format == "merged":
-        _write_merged(target, base, modules, weight, torch_dtype, force)
+        _write_merged(target, base, config_dir, r.family, modules, weight, torch_dtype, force)
         return result
     if format == "peft":
         _write_peft(target, r, torch_dtype, metadata(r, name, modules, dtype), force)
         return result
     if format == "kohya":
-        unet_config = _read_json(base / "unet" / "config.json")
+        unet_config = _read_json(config_dir / "unet" / "config.json")
         try:
             tensors = convert.to_kohya(modules, r.family, unet_config, torch_dtype)
         except convert.ConversionError as e:
@@ -169,17 +169,24 @@ def _modules(r: Run, format: str) -> list:
     return modules
 
 
-def base_folder(r: Run) -> Path:
+def base_folder(r: Run) -> tuple[Path, Path]:
+    """(the base weights: a diffusers folder or a single file, the diffusers folder describing it)."""
     base = r.info.get("base", {})
     path = Path(base["path"]).expanduser() if base.get("path") else None
-    if path is not None and path.exists():
-        return path
-    model = base.get("model") or r.profile.get("model", {}).get("base")
-    if not model:
-        raise LoraError(f"{r.dir}/run.json names no base model", "re-run `lora train` for this run")
-    from loracli import models
+    if path is None or not path.exists():
+        model = base.get("model") or r.profile.get("model", {}).get("base")
+        if not model:
+            raise LoraError(f"{r.dir}/run.json names no base model", "re-run `lora train` for this run")
+        from loracli import models
 
-    return models.local_snapshot(model)
+        path = models.local_snapshot(model)
+    if path.is_dir():
+        return path, path
+    config_dir = Path(base.get("config_dir") or "").expanduser()
+    if not base.get("config_dir") or not (config_dir / "unet" / "config.json").is_file():
+        raise LoraError(f"{path} is a single-file checkpoint and run.json names no diffusers "
+                        "config folder for it", "lora fetch sd15 (or sdxl, sd21) for the configs")
+    return path, config_dir
 
 
 def default_path(run_dir: Path, name: str, format: str) -> Path:
@@ -210,16 +217,13 @@ def _torch_dtype(dtype: str):
 # ---------------------------------------------------------------------------- the base model check
 
 def base_modules(base: Path, component: str) -> dict[str, tuple]:
-    """Module path → weight shape of one component, read from its safetensors headers only."""
+    """Module path → weight shape of one component: from its safetensors headers, else (configs
+    only, as for a single-file base) from the model built on the meta device from its config."""
     from safetensors import safe_open
 
-    if base.is_file():
-        raise LoraError(f"{base}: checking a LoRA against a single-file base model is not "
-                        "supported", "train from the diffusers folder: `lora fetch MODEL` gets one")
     files = sorted((base / component).glob("*.safetensors"))
     if not files:
-        raise LoraError(f"{base / component}: no .safetensors weights to check the LoRA against",
-                        "lora fetch MODEL downloads the model's safetensors weights")
+        return _modules_from_config(base / component, component)
     shapes = {}
     for f in files:
         with safe_open(str(f), "pt") as weights:
@@ -230,6 +234,26 @@ def base_modules(base: Path, component: str) -> dict[str, tuple]:
                         path = path.removeprefix("text_model.")
                     shapes[path] = tuple(weights.get_slice(key).get_shape())
     return shapes
+
+
+def _modules_from_config(folder: Path, component: str) -> dict[str, tuple]:
+    if not (folder / "config.json").is_file():
+        raise LoraError(f"{folder}: the base model has no {component} to check the LoRA against",
+                        "lora fetch MODEL gets the whole diffusers folder")
+    import torch
+
+    with torch.device("meta"):
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder)))
+        else:
+            import transformers
+
+            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            model = getattr(transformers, (config.architectures or ["CLIPTextModel"])[0])(config)
+    return {name[: -len(".weight")]: tuple(p.shape) for name, p in model.named_parameters()
+            if name.endswith(".weight")}
 
 
 def _is_clip_text_model(folder: Path) -> bool:
@@ -412,8 +436,8 @@ def _write_peft(target: Path, r: Run, torch_dtype, header: dict, force: bool) ->
                 json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
-def _write_merged(target: Path, base: Path, modules: list, weight: float, torch_dtype,
-                  force: bool) -> None:
+def _write_merged(target: Path, base: Path, config_dir: Path, family: str, modules: list,
+                  weight: float, torch_dtype, force: bool) -> None:
     """The base pipeline with `W += weight × alpha/r × up @ down` folded in, saved whole."""
     import torch
     from diffusers import DiffusionPipeline
@@ -425,8 +449,17 @@ def _write_merged(target: Path, base: Path, modules: list, weight: float, torch_
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # "modules kept in float32" noise on the cast below
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(base), dtype=torch.float32,
-                                                 local_files_only=True)
+        if base.is_file():
+            import diffusers
+
+            from loracli import families
+
+            cls = getattr(diffusers, families.get(family).pipeline)
+            pipe = cls.from_single_file(str(base), config=str(config_dir), dtype=torch.float32,
+                                        local_files_only=True)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(base), dtype=torch.float32,
+                                                     local_files_only=True)
     finally:
         diffusers_logging.set_verbosity(verbosity)
     with torch.no_grad():

@@ -243,3 +243,52 @@ def test_cli_errors_name_the_fix(sd1, tmp_path, cli):
     assert weight.exit_code == 1 and "--format merged" in weight.stderr
     bad = cli("export", tmp_path, "--json")
     assert bad.exit_code == 1 and json.loads(bad.stdout)["error"].endswith("not a run folder (no run.json or checkpoints/)")
+
+
+def _configs_only(src, dest):
+    """A diffusers folder with every config and no weights (what a single-file base brings)."""
+    import shutil
+
+    shutil.copytree(src, dest, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
+    return dest
+
+
+def test_single_file_base_is_checked_against_its_config_folder(tmp_path, tiny_sd):
+    from safetensors.torch import load_file
+
+    run = make_run(tmp_path / "single", tiny_sd, "sd1")
+    configs = _configs_only(tiny_sd, tmp_path / "configs")
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"stands for an LDM single-file checkpoint")
+    info = json.loads((run / "run.json").read_text())
+    info["base"].update(path=str(checkpoint), config_dir=str(configs))
+    (run / "run.json").write_text(json.dumps(info))
+    result = exporting.export(run, dtype="fp32")
+    assert result.modules == {"unet": 32, "text_encoder": 8}
+    assert len(load_file(str(result.path))) == 3 * 40
+
+    _tamper(run, "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_kk")
+    with pytest.raises(LoraError, match="do not map onto the base model"):
+        exporting.export(run, output=tmp_path / "again.safetensors")
+    assert not (tmp_path / "again.safetensors").exists()
+
+    del info["base"]["config_dir"]
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(LoraError, match="single-file checkpoint") as e:
+        exporting.export(run, output=tmp_path / "again.safetensors")
+    assert e.value.hint.startswith("lora fetch")
+
+
+def test_sd2_run_exports_v2_metadata_and_loads(tmp_path, tiny_sd2):
+    from diffusers import StableDiffusionPipeline
+
+    run = make_run(tmp_path / "v2", tiny_sd2, "sd2", rank=2, alpha=1.0)
+    result = exporting.export(run, dtype="fp32")
+    meta = _header(result.path)
+    assert (meta["ss_v2"], meta["ss_v_parameterization"], meta["ss_base_model_version"]) == ("True", "True", "sd_v2")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["modelspec.prediction_type"] == "v"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd2, safety_checker=None)
+    pipe.load_lora_weights(str(result.path))
+    assert max(_max_diff(pipeline_outputs(pipe, "sd2"), outputs(reference_models(run), "sd2")).values()) <= 1e-6
