@@ -174,7 +174,8 @@ class Fetcher:
 
     def run(self, files: list[RemoteFile], commit: str, repo_id: str) -> None:
         (self.repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
-        todo = [f for f in files if not self.blob_path(f).exists()]
+        # one download per blob: identical files (SDXL's two tokenizers) share one
+        todo = list({f.blob: f for f in files if not self.blob_path(f).exists()}.values())
         todo.sort(key=lambda f: -f.size)
         errors: list[LoraError] = []
         if todo:

@@ -313,7 +313,9 @@ def cached() -> list[dict]:
             commit = rec.get("commit") or refs.get("main") or next(iter(refs.values()), "")
             rows.append({
                 "model": rec.get("name") or repo.repo_id, "repo_id": repo.repo_id,
-                "commit": commit, "revisions": len(repo.revisions), "files": repo.nb_files,
+                "commit": commit, "revisions": len(repo.revisions),
+                "files": next((len(rev.files) for rev in repo.revisions if rev.commit_hash == commit),
+                              repo.nb_files),
                 "size": repo.size_on_disk, "last_sync": rec.get("last_sync") or rec.get("fetched_at", ""),
                 "tracked": bool(rec), "path": str(repo.repo_path),
             })

@@ -29,6 +29,10 @@ def make_repo(folder: Path, weights: int = 200_000, seed: int = 0) -> Path:
         (folder / comp / "diffusion_pytorch_model.safetensors").write_bytes(rnd.randbytes(weights))
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(rnd.randbytes(weights // 2))
     (folder / "v1-5-pruned.safetensors").write_bytes(rnd.randbytes(1000))
+    vocab = json.dumps({f"tok{i}": i for i in range(3000)})  # identical in both: one blob
+    for tok in ("tokenizer", "tokenizer_2"):
+        (folder / tok).mkdir(exist_ok=True)
+        (folder / tok / "vocab.json").write_text(vocab)
     return folder
 
 
@@ -61,3 +65,9 @@ def lora_proc(*args, **extra) -> subprocess.Popen:
 def blobs(cache: Path, repo_id: str = "org/tiny") -> list[Path]:
     d = cache / ("models--" + repo_id.replace("/", "--")) / "blobs"
     return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def unique_bytes(folder: Path) -> int:
+    """Bytes a fetch of make_repo's repo transfers: each distinct content once, no fp16 variant."""
+    seen = {p.read_bytes() for p in folder.rglob("*") if p.is_file() and ".fp16." not in p.name}
+    return sum(len(b) for b in seen)

@@ -121,14 +121,15 @@ def test_second_sync_at_once_exits_2_unless_it_waits(cli, online, repo):
 
 
 def test_two_sync_processes_one_runs_one_is_refused(online, repo, tmp_path):
-    big = make_repo(tmp_path / "big", weights=400_000)
-    with serve({"org/tiny": big}, delay=0.003) as url:
+    with serve({"org/tiny": repo}) as url:
         assert hub.fetch("org/tiny", mirror=url, strict=True)["downloaded"] > 0
-        (big / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 400_000)
+        (repo / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 1_000_000)
+        url.server.delay = 0.05  # 16 chunks of 64 KiB: the first sync holds the lock ~1 s
+        mark = len(url.log)
         first = lora_proc("mirror", "sync", "--mirror", url, "--strict")
         deadline = time.monotonic() + 20
-        while not url.requests("unet/*") and time.monotonic() < deadline:
-            time.sleep(0.02)  # the first sync is downloading, holding the lock
+        while not any("/api/models/" in r["path"] for r in url.log[mark:]) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the first sync has the lock and is asking the mirror
         second = lora_proc("mirror", "sync", "--mirror", url, "--strict")
         out2 = second.communicate(timeout=60)
         out1 = first.communicate(timeout=60)

@@ -102,7 +102,9 @@ def _render(r: dict) -> None:
         output.note(f"{r['repo_id']}@{r['commit'][:7]} via {r['mirror']}: {len(r['files'])} files, "
                     f"{_size(r['size'])}; {_size(r['to_download'])} to download")
         return
-    if r.get("cached"):
+    if r.get("mirror") == "local build" and not r.get("cached"):
+        output.note(f"{r['model']}: built locally ({r['files']} files, {_size(r['size'])}), no network")
+    elif r.get("cached"):
         output.note(f"{r['model']} already cached ({r['commit'][:7]}); nothing transferred")
     else:
         output.note(f"{r['model']}: {r['files']} files, {_size(r['size'])} at {r['commit'][:7]} "
