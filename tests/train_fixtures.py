@@ -29,14 +29,14 @@ def make_dataset(folder: Path, n: int = 6, seed: int = 0) -> Path:
     return folder
 
 
-def write_profile(path: Path, base: Path, data: Path, out: Path, **sections) -> Path:
+def write_profile(path: Path, base_model, data_dir: Path, out_dir: Path, **sections) -> Path:
     """A profile TOML: tiny defaults for the tests, `sections={"train": {...}}` override them."""
     merged = {
-        "model": {"base": str(base)},
-        "data": {"dir": str(data), "resolution": 64},
+        "model": {"base": str(base_model)},
+        "data": {"dir": str(data_dir), "resolution": 64},
         "lora": {"rank": 4, "alpha": 4, "dropout": 0.0},
         "train": {"max_steps": 4, "batch_size": 2, "save_steps": 2, "learning_rate": 1e-3,
-                  "mixed_precision": "no", "output_dir": str(out)},
+                  "mixed_precision": "no", "output_dir": str(out_dir)},
     }
     for section, values in sections.items():
         merged.setdefault(section, {}).update(values)
