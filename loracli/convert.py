@@ -8,7 +8,7 @@ alpha), so that every writer applies `alpha / rank × strength`, the scale every
 - common → kohya/A1111 (`lora_unet_…`, `lora_te_text_model_…`, `.lora_down`/`.lora_up`/`.alpha`):
   a pure rename, no transpose. SD1/SD2 UNet names use the diffusers layout; SDXL UNet names use
   the original LDM layout (`lora_unet_input_blocks_4_1_…`) by kohya's convention.
-- common → diffusers (`unet.….lora_A.weight` + `lora_adapter_metadata` in the header).
+- peft → diffusers (`unet.….lora_A.weight` + `lora_adapter_metadata` in the header).
 - kohya, diffusers or peft files → common, for `lora inspect`.
 """
 
@@ -220,19 +220,17 @@ def _cast(tensor, dtype):
 
 # ---------------------------------------------------------------------------- common → diffusers
 
-def to_diffusers(modules: list[LoraModule], configs: dict[str, dict], dtype=None
-                 ) -> tuple[dict, dict]:
+def peft_to_diffusers(adapters: dict[str, tuple[dict, dict]], dtype=None) -> tuple[dict, dict]:
     """`pytorch_lora_weights.safetensors` tensors and header, the layout `save_lora_weights` writes.
 
-    The adapter configs travel in the `lora_adapter_metadata` header key (prefixed per component),
-    so `load_lora_weights` rebuilds the exact LoraConfig: alpha, rsLoRA and patterns included.
+    The peft tensors (DoRA magnitudes included) get their component as a prefix; the adapter
+    configs travel in the `lora_adapter_metadata` header key, prefixed the same way, so
+    `load_lora_weights` rebuilds the exact LoraConfig: alpha, rsLoRA, DoRA and patterns included.
     """
-    tensors = {}
-    for m in modules:
-        tensors[f"{m.component}.{m.path}.lora_A.weight"] = _cast(m.down, dtype)
-        tensors[f"{m.component}.{m.path}.lora_B.weight"] = _cast(m.up, dtype)
-    packed = {}
-    for component, config in configs.items():
+    tensors, packed = {}, {}
+    for component, (state_dict, config) in adapters.items():
+        for key, tensor in state_dict.items():
+            tensors[f"{component}.{key.removeprefix('base_model.model.')}"] = _cast(tensor, dtype)
         clean = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         packed.update({f"{component}.{k}": v for k, v in clean.items()})
     header = {"format": "pt"}

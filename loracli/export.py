@@ -25,6 +25,7 @@ BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                   "sdxl": "stable-diffusion-xl-v1-base"}
 PEFT_PREFIX = "base_model.model."
+MERGE_ADAPTER = "export"  # never "train": it would shadow nn.Module.train
 MODELSPEC_IMPL = {"sd1": "diffusers", "sd2": "diffusers",
                   "sdxl": "https://github.com/Stability-AI/generative-models"}
 
@@ -88,7 +89,7 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
     result = ExportResult(target, format, name, r.step, dtype, counts)
     torch_dtype = _torch_dtype(dtype)
     if format == "merged":
-        _write_merged(target, base, config_dir, r.family, modules, weight, torch_dtype, force)
+        _write_merged(target, r, base, config_dir, modules, weight, torch_dtype, force)
         return result
     if format == "peft":
         _write_peft(target, r, torch_dtype, metadata(r, name, modules, dtype), force)
@@ -99,14 +100,13 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
             tensors = convert.to_kohya(modules, r.family, unet_config, torch_dtype)
         except convert.ConversionError as e:
             raise LoraError(f"cannot export to kohya: {e}",
-                            "lora export RUN --format peft keeps any adapter as it is") from None
+                            f"lora export {r.dir} --format diffusers writes any peft LoRA") from None
         header = metadata(r, name, modules, dtype)
     else:
         if target.suffix != ".safetensors":
             target = target / "pytorch_lora_weights.safetensors"
             result = ExportResult(target, format, name, r.step, dtype, counts)
-        tensors, header = convert.to_diffusers(modules, {c: cfg for c, (_, cfg) in r.adapters.items()},
-                                               torch_dtype)
+        tensors, header = convert.peft_to_diffusers(r.adapters, torch_dtype)
         header.update(metadata(r, name, modules, dtype, kohya=False))
     _check_finite(tensors, dtype)
     data = serialize(tensors, header)
@@ -154,10 +154,20 @@ def _read_json(path: Path) -> dict:
 
 
 def _modules(r: Run, format: str) -> list:
+    """The adapters in common form; DoRA only for the formats that keep it exactly.
+
+    A1111 applies a kohya `dora_scale` per input column (LyCORIS' convention) while peft's DoRA
+    normalises per output row, so a DoRA run written as kohya would load and do something else.
+    """
     modules = []
     for component, (state_dict, config) in r.adapters.items():
-        if format == "peft" and config.get("use_dora"):
-            # peft keeps DoRA as it is; only the module paths are checked.
+        if config.get("use_dora"):
+            if format == "kohya":
+                raise LoraError(f"cannot export {r.dir} as kohya: its {component} adapter is DoRA, "
+                                "which WebUI would apply differently from how it was trained",
+                                f"lora export {r.dir} --format diffusers (diffusers loads DoRA "
+                                "exactly), --format merged, or --format peft")
+            # Only the low-rank part is needed to check the modules against the base model.
             config = {k: v for k, v in config.items() if k != "use_dora"}
             state_dict = {k: v for k, v in state_dict.items() if "lora_magnitude_vector" not in k}
         try:
@@ -436,43 +446,77 @@ def _write_peft(target: Path, r: Run, torch_dtype, header: dict, force: bool) ->
                 json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
-def _write_merged(target: Path, base: Path, config_dir: Path, family: str, modules: list,
+def _write_merged(target: Path, r: Run, base: Path, config_dir: Path, modules: list,
                   weight: float, torch_dtype, force: bool) -> None:
-    """The base pipeline with `W += weight × alpha/r × up @ down` folded in, saved whole."""
+    """The base pipeline with the LoRA folded in at `weight`, saved whole.
+
+    Plain LoRA: `W += weight × alpha/r × up @ down`, what WebUI does at that strength. DoRA: peft's
+    own merge with its scaling multiplied by `weight`, as diffusers' `set_adapters` applies it.
+    """
     import torch
-    from diffusers import DiffusionPipeline
 
     if target.exists() and not force:
-        raise _exists(target, target.parent)
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "modules kept in float32" noise on the cast below
-    try:
-        if base.is_file():
-            import diffusers
-
-            from loracli import families
-
-            cls = getattr(diffusers, families.get(family).pipeline)
-            pipe = cls.from_single_file(str(base), config=str(config_dir), dtype=torch.float32,
-                                        local_files_only=True)
-        else:
-            pipe = DiffusionPipeline.from_pretrained(str(base), dtype=torch.float32,
-                                                     local_files_only=True)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    with torch.no_grad():
-        for m in modules:
-            layer = getattr(pipe, m.component).get_submodule(m.path)
-            layer.weight += weight * m.delta().to(layer.weight.dtype)
-    diffusers_logging.set_verbosity_error()
-    try:
+        raise _exists(target, r.dir)
+    with _quiet_diffusers():  # "modules kept in float32" noise on the casts
+        pipe = _load_pipeline(base, config_dir, r.family)
+        with torch.no_grad():
+            for component, (state_dict, config) in r.adapters.items():
+                if config.get("use_dora"):
+                    _merge_with_peft(getattr(pipe, component), state_dict, config, weight)
+            for m in modules:
+                if not r.adapters[m.component][1].get("use_dora"):
+                    layer = getattr(pipe, m.component).get_submodule(m.path)
+                    layer.weight += weight * m.delta().to(layer.weight.dtype)
         pipe.to(torch_dtype)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    with _folder(target, force, target.parent) as tmp:
+    with _folder(target, force, r.dir) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def _load_pipeline(base: Path, config_dir: Path, family: str):
+    import diffusers
+    import torch
+
+    if base.is_file():
+        from loracli import families
+
+        cls = getattr(diffusers, families.get(family).pipeline)
+        return cls.from_single_file(str(base), config=str(config_dir), dtype=torch.float32,
+                                    local_files_only=True)
+    return diffusers.DiffusionPipeline.from_pretrained(str(base), dtype=torch.float32,
+                                                       local_files_only=True)
+
+
+def _merge_with_peft(model, state_dict: dict, config: dict, weight: float) -> None:
+    import dataclasses
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    lora_config = LoraConfig(**{k: v for k, v in config.items() if k in fields})
+    inject_adapter_in_model(lora_config, model, adapter_name=MERGE_ADAPTER)
+    loaded = set_peft_model_state_dict(model, state_dict, adapter_name=MERGE_ADAPTER)
+    if loaded.unexpected_keys:
+        raise LoraError(f"peft did not take {len(loaded.unexpected_keys)} adapter tensors "
+                        f"(first: {loaded.unexpected_keys[0]})", "lora export RUN --format peft")
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LoraLayer):
+            layer.scaling[MERGE_ADAPTER] *= weight
+            layer.merge(adapter_names=[MERGE_ADAPTER])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+
+
+class _quiet_diffusers:
+    def __enter__(self):
+        from diffusers.utils import logging as diffusers_logging
+
+        self.logging = diffusers_logging
+        self.verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        self.logging.set_verbosity(self.verbosity)
 
 
 class _folder:

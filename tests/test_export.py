@@ -201,15 +201,33 @@ def test_a_run_checked_against_the_wrong_base_is_refused(tmp_path, tiny_sd, tiny
     assert not (run / "anime.safetensors").exists()
 
 
-def test_dora_is_refused_for_kohya_and_kept_by_peft(tmp_path, tiny_sd):
-    run = make_run(tmp_path / "dora", tiny_sd, "sd1", text_encoder=False, extra_unet={"use_dora": True})
-    with pytest.raises(LoraError, match="DoRA") as e:
-        exporting.export(run)
-    assert "--format peft" in e.value.hint
-    result = exporting.export(run, format="peft")
+def test_dora_is_refused_for_kohya_and_exact_in_diffusers_merged_and_peft(tmp_path, tiny_sd):
+    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    assert any("lora_magnitude_vector" in k for k in load_file(str(result.path / "unet" / "adapter_model.safetensors")))
+    run = make_run(tmp_path / "dora", tiny_sd, "sd1", extra_unet={"use_dora": True})
+    trained = outputs(reference_models(run), "sd1")
+    with pytest.raises(LoraError, match="DoRA") as e:
+        exporting.export(run)
+    assert "--format diffusers" in e.value.hint
+    assert not (run / "anime.safetensors").exists()
+
+    diffusers = exporting.export(run, format="diffusers", dtype="fp32")
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(diffusers.path)))
+    pipe = _pipe(tiny_sd)
+    pipe.load_lora_weights(str(diffusers.path), adapter_name="dora")
+    assert max(_max_diff(pipeline_outputs(pipe, "sd1"), trained).values()) <= 1e-6
+
+    merged = exporting.export(run, format="merged", dtype="fp32")
+    fused = pipeline_outputs(StableDiffusionPipeline.from_pretrained(merged.path), "sd1")
+    assert max(_max_diff(fused, trained).values()) <= 1e-5
+    pipe.set_adapters(["dora"], adapter_weights=[0.8])
+    merged_08 = exporting.export(run, format="merged", dtype="fp32", weight=0.8, output=tmp_path / "m08")
+    fused_08 = pipeline_outputs(StableDiffusionPipeline.from_pretrained(merged_08.path), "sd1")
+    assert max(_max_diff(fused_08, pipeline_outputs(pipe, "sd1")).values()) <= 1e-5
+
+    peft = exporting.export(run, format="peft")
+    assert any("lora_magnitude_vector" in k for k in load_file(str(peft.path / "unet" / "adapter_model.safetensors")))
 
 
 def test_cli_prints_path_and_snippet_refuses_existing_and_force_replaces(sd1, tmp_path, cli):

@@ -106,15 +106,19 @@ def test_dora_and_extra_tensors_are_refused():
         convert.from_peft("unet", _sd(extra={"a.to_q.lora_B.bias": torch.ones(6)}), {"r": 2})
 
 
-def test_to_diffusers_packs_the_adapter_config_per_component():
+def test_peft_to_diffusers_prefixes_tensors_and_packs_the_adapter_config():
     import json
 
-    modules = convert.from_peft("text_encoder", _sd(), {"r": 2, "lora_alpha": 4})
-    tensors, header = convert.to_diffusers(modules, {"text_encoder": {"r": 2, "lora_alpha": 4,
-                                                                      "target_modules": {"q"}}})
-    assert sorted(tensors) == ["text_encoder.a.to_q.lora_A.weight", "text_encoder.a.to_q.lora_B.weight"]
+    import torch
+
+    sd = _sd(extra={"a.to_q.lora_magnitude_vector": torch.ones(6)})
+    tensors, header = convert.peft_to_diffusers(
+        {"text_encoder": (sd, {"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": {"q"}})})
+    assert sorted(tensors) == ["text_encoder.a.to_q.lora_A.weight", "text_encoder.a.to_q.lora_B.weight",
+                               "text_encoder.a.to_q.lora_magnitude_vector"]
     assert json.loads(header["lora_adapter_metadata"]) == {
-        "text_encoder.r": 2, "text_encoder.lora_alpha": 4, "text_encoder.target_modules": ["q"]}
+        "text_encoder.r": 2, "text_encoder.lora_alpha": 4, "text_encoder.use_dora": True,
+        "text_encoder.target_modules": ["q"]}
 
 
 @pytest.mark.parametrize("keys, fmt", [
