@@ -271,7 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
         size = source.stat().st_size
         start, end = 0, size - 1
         status = 200
-        rng = self.headers.get("Range")
+        rng = self.headers.get("Range") if self.server.ranges else None
         if rng:
             m = re.match(r"bytes=(\d+)-(\d*)$", rng.strip())
             if m:
@@ -348,10 +348,11 @@ class _Server(ThreadingHTTPServer):
 @contextmanager
 def serve(repos: dict | None = None, faults: list | None = None, *, layout: str = "hub",
           manifest: bool = True, token: str | None = None, static: Path | None = None,
-          delay: float = 0.0):
+          delay: float = 0.0, ranges: bool = True):
     """Serve `{"org/name": folder}` on 127.0.0.1:<free port>; yields the base URL (a `Hub` str).
 
-    `delay` sleeps that many seconds after each 64 KiB chunk (to kill a download half-way).
+    `delay` sleeps that many seconds after each 64 KiB chunk (to kill a download half-way);
+    `ranges=False` ignores `Range` and always answers 200 with the whole file (as olah does).
     """
     server = _Server(("127.0.0.1", 0), _Handler)
     server.repos = {k: Path(v) for k, v in (repos or {}).items()}
@@ -361,6 +362,7 @@ def serve(repos: dict | None = None, faults: list | None = None, *, layout: str 
     server.token = token
     server.static = Path(static) if static is not None else None
     server.delay = delay
+    server.ranges = ranges
     server.log = []
     server.closing = False
     escape_dir = Path(os.environ.get("TMPDIR", "/tmp"))

@@ -68,6 +68,29 @@ def test_dropped_connection_resumes_with_range(online, repo, isolated):
     assert _snapshot_files(isolated["cache"]) == _expected(repo)
 
 
+def test_server_ignoring_range_restarts_the_file_and_ends_correct(online, repo, isolated):
+    with serve({"org/tiny": repo}, faults=[Fault("drop", "unet/*.safetensors", after=70_000)],
+               ranges=False) as url:
+        hub.fetch("org/tiny", mirror=url, strict=True)
+        gets = url.requests("unet/diffusion_pytorch_model.safetensors", "GET")
+    assert [(g["range"], g["status"]) for g in gets] == [(None, 200), ("bytes=70000-", 200)]
+    assert _snapshot_files(isolated["cache"]) == _expected(repo)
+
+
+def test_bad_partial_left_by_an_earlier_run_is_detected_and_refetched(online, repo, isolated):
+    with serve({"org/tiny": repo}) as url:
+        plan = hub.fetch("org/tiny", mirror=url, dry_run=True, include=["vae/*.safetensors"])
+        digest = plan["files"][0]["sha256"]
+        blobs_dir = models.repo_folder("org/tiny") / "blobs"
+        blobs_dir.mkdir(parents=True)
+        (blobs_dir / f"{digest}.incomplete").write_bytes(b"garbage from a bad mirror" * 100)
+        hub.fetch("org/tiny", mirror=url, strict=True)
+        gets = url.requests("vae/diffusion_pytorch_model.safetensors", "GET")
+    assert [g["range"] for g in gets] == ["bytes=2500-", None]
+    assert _snapshot_files(isolated["cache"]) == _expected(repo)
+    assert not list(blobs_dir.glob("*.incomplete"))
+
+
 def test_500s_are_retried_then_the_next_mirror_is_used(online, repo, isolated):
     events = []
     with serve({"org/tiny": repo}, faults=[Fault("status", "vae/*.safetensors", times=0, status=500)]) as bad, \
