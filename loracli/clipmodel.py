@@ -190,7 +190,8 @@ def prepared_batches(clip: ClipModel, images: list[Path], batch_size: int
                      ) -> Iterator[list]:
     """Batches of preprocessed tensors (or the `ImageError` of an unusable file), one per image.
 
-    The next batch is read and decoded in threads while the current one is encoded.
+    The next batch is read and decoded in a thread while the current one is encoded (one
+    thread: `load_rgb` silences a PIL warning, and warning filters are process-wide).
     """
     from loracli.images import ImageError, load_rgb
 
@@ -202,7 +203,7 @@ def prepared_batches(clip: ClipModel, images: list[Path], batch_size: int
 
     size = max(1, int(batch_size))
     groups = [images[i:i + size] for i in range(0, len(images), size)]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         pending = [pool.submit(prepare, p) for p in groups[0]] if groups else []
         for i in range(len(groups)):
             current = [f.result() for f in pending]
