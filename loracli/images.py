@@ -5,6 +5,7 @@ Shared by captioning and training, so both see an image the same way.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from loracli.errors import LoraError
@@ -44,7 +45,10 @@ def load_rgb(path: Path):
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL warns above 89 MP; MAX_PIXELS below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{path}: {w}x{h} is too large ({w * h:,} pixels); "
