@@ -178,90 +178,101 @@ def _complete(repo_dir: Path, commit: str, files: list[RemoteFile]) -> bool:
     return all((snap / f.path).exists() and (repo_dir / "blobs" / f.blob).exists() for f in files)
 
 
+def _cached(ref: models.ModelRef, repo_dir: Path, **extra) -> dict | None:
+    """The result for a model already in the cache at its revision, or None."""
+    commit = models.commit_for(ref.repo_id, ref.revision, repo_dir.parent)
+    if not commit or not (repo_dir / "snapshots" / commit).is_dir():
+        return None
+    return {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": commit,
+            "snapshot": str(repo_dir / "snapshots" / commit), "cached": True, "downloaded": 0, **extra}
+
+
 def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
           include=(), exclude=(), variant: str | None = None, strict: bool = False,
           dry_run: bool = False, workers: int = 4, timeout: float | None = None,
           on_event: Events | None = None, allow_stale: bool = True) -> dict:
-    """Fetch `model` into the cache (verified, resumable); returns what was done."""
+    """Fetch `model` into the cache (verified, resumable); returns what was done.
+
+    `allow_stale`: when no mirror answers, a cached copy counts as success (not for sync)."""
     event = on_event or (lambda e: None)
     ref = models.resolve(model)
     if revision:
         ref = replace(ref, revision=revision)
     if ref.renamed_from:
         event({"event": "note", "message": f"{ref.renamed_from} was renamed; using {ref.repo_id}"})
-    include = tuple(include) or ref.include
-    exclude = tuple(exclude)
-    cache = paths.cache_dir()
-    repo_dir = models.repo_folder(ref.repo_id, cache)
+    include, exclude = tuple(include) or ref.include, tuple(exclude)
+    repo_dir = models.repo_folder(ref.repo_id, paths.cache_dir())
     if ref.local:
-        existed = models.commit_for(ref.repo_id, "main", cache) is not None
-        snap = models.install_tiny(ref.alias)
-        return {**_record_local(ref, snap), "cached": existed}
+        existed = models.commit_for(ref.repo_id, "main", repo_dir.parent) is not None
+        return {**_record_local(ref, models.install_tiny(ref.alias)), "cached": existed}
     chain = mirrors.chain(mirror or ref.endpoint, strict)
     if _offline():
-        commit = models.commit_for(ref.repo_id, ref.revision, cache)
-        if commit and (repo_dir / "snapshots" / commit).is_dir():
-            return {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision,
-                    "commit": commit, "snapshot": str(repo_dir / "snapshots" / commit),
-                    "cached": True, "downloaded": 0, "offline": True}
+        found = _cached(ref, repo_dir, offline=True)
+        if found:
+            return found
         raise LoraError(f"HF_HUB_OFFLINE is set, so {ref.name} cannot be downloaded",
                         f"HF_HUB_OFFLINE=0 lora fetch {model}")
     client = Client(timeout, _token(), workers)
     listing, sources, reasons = find_listing(client, ref, chain, event)
     if listing is None:
-        commit = models.commit_for(ref.repo_id, ref.revision, cache)
-        hint = f"lora mirror test   (or `lora fetch {model} --mirror hf-mirror`)"
-        if allow_stale and commit and (repo_dir / "snapshots" / commit).is_dir():
+        found = _cached(ref, repo_dir, stale_check_failed=reasons) if allow_stale else None
+        if found:
             event({"event": "note", "message": "no mirror answers; the cached copy is used as it is"})
-            return {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": commit,
-                    "snapshot": str(repo_dir / "snapshots" / commit), "cached": True, "downloaded": 0,
-                    "stale_check_failed": reasons}
+            return found
         raise LoraError(f"no mirror could list {ref.name} ({ref.repo_id}@{ref.revision})",
-                        hint=hint, details=reasons)
+                        f"lora mirror test   (or `lora fetch {model} --mirror hf-mirror`)", reasons)
     files = select(listing.files, include, exclude, variant)
     if not files:
         raise LoraError(f"no file of {ref.repo_id}@{listing.commit[:7]} matches the patterns",
                         f"lora fetch {model} --dry-run --include '*'   (to see every file)")
-    total = sum(f.size for f in files)
-    cached = {f.path for f in files if (repo_dir / "blobs" / f.blob).exists()}
     base = {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": listing.commit,
-            "mirror": listing.source.name, "size": total, "fallbacks": reasons}
+            "mirror": listing.source.name, "size": sum(f.size for f in files), "fallbacks": reasons}
     if dry_run:
+        cached = {f.path for f in files if (repo_dir / "blobs" / f.blob).exists()}
         return {**base, "dry_run": True,
                 "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "cached": f.path in cached}
                           for f in files],
                 "to_download": sum(f.size for f in files if f.path not in cached)}
-    lock = model_lock(repo_dir)
-    from filelock import Timeout
-
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        event({"event": "note", "message": f"another lora process is fetching {ref.repo_id}; waiting"})
-        lock.acquire()
-    try:
-        already = _complete(repo_dir, listing.commit, files)
-        fetcher = Fetcher(client, repo_dir, sources, event, workers)
-        todo = [f for f in files if not (repo_dir / "blobs" / f.blob).exists()]
-        event({"event": "plan", "files": len(files), "todo": len(todo), "size": total,
-               "todo_bytes": sum(f.size for f in todo), "mirror": sources[0].name if sources else None})
-        fetcher.run(files, listing.commit, ref.repo_id)
-        for f in files:
-            models.link_into_snapshot(repo_dir, listing.commit, f.path, f.blob)
-        models.set_ref(repo_dir, ref.revision, listing.commit)
-    finally:
-        lock.release()
+    fetcher = Fetcher(client, repo_dir, sources, event, workers)
+    already = _download(fetcher, ref, listing.commit, files)
     snap = repo_dir / "snapshots" / listing.commit
-    used = next((m.name for m in sources if m.url not in fetcher.down), listing.source.name)
     tracking.save({
         "alias": ref.alias, "name": ref.name, "repo_id": ref.repo_id, "revision": ref.revision,
         "include": list(include), "exclude": list(exclude), "variant": variant, "mirror": mirror,
-        "commit": listing.commit, "size": total, "snapshot": str(snap),
+        "commit": listing.commit, "size": base["size"], "snapshot": str(snap),
         "files": {f.path: {"size": f.size, "sha256": f.sha256, "oid": f.oid, "blob": f.blob} for f in files},
         "fetched_at": tracking.now_iso(),
     })
+    used = next((m.name for m in sources if m.url not in fetcher.down), listing.source.name)
     return {**base, "mirror": used, "snapshot": str(snap), "files": len(files),
             "downloaded": fetcher.transferred, "cached": already and not fetcher.transferred}
+
+
+def _download(fetcher: Fetcher, ref: models.ModelRef, commit: str, files: list[RemoteFile]) -> bool:
+    """Under the model's lock: fetch missing blobs, link the snapshot, move the ref last.
+    Returns whether everything was already there."""
+    from filelock import Timeout
+
+    repo_dir = fetcher.repo_dir
+    lock = model_lock(repo_dir)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        fetcher.event(event="note", message=f"another lora process is fetching {ref.repo_id}; waiting")
+        lock.acquire()
+    try:
+        already = _complete(repo_dir, commit, files)
+        todo = {f.blob: f for f in files if not (repo_dir / "blobs" / f.blob).exists()}
+        fetcher.event(event="plan", files=len(files), todo=len(todo),
+                      todo_bytes=sum(f.size for f in todo.values()),
+                      mirror=fetcher.sources[0].name if fetcher.sources else None)
+        fetcher.run(files, commit, ref.repo_id)
+        for f in files:
+            models.link_into_snapshot(repo_dir, commit, f.path, f.blob)
+        models.set_ref(repo_dir, ref.revision, commit)
+    finally:
+        lock.release()
+    return already
 
 
 def _record_local(ref: models.ModelRef, snap: Path) -> dict:
