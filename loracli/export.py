@@ -84,7 +84,7 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
     target = Path(output).expanduser() if output else default_path(r.dir, name, format)
     base, config_dir = base_folder(r)
     modules = _modules(r, format)
-    check_against_base(modules, config_dir, r.family)
+    found = check_against_base(modules, config_dir)
     counts = dict(Counter(m.component for m in modules))
     result = ExportResult(target, format, name, r.step, dtype, counts)
     torch_dtype = _torch_dtype(dtype)
@@ -101,6 +101,7 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
         except convert.ConversionError as e:
             raise LoraError(f"cannot export to kohya: {e}",
                             f"lora export {r.dir} --format diffusers writes any peft LoRA") from None
+        check_kohya_keys(tensors, found, r.family, unet_config)
         header = metadata(r, name, modules, dtype)
     else:
         if target.suffix != ".safetensors":
@@ -271,41 +272,45 @@ def _is_clip_text_model(folder: Path) -> bool:
     return "CLIPTextModel" in _read_json(folder / "config.json").get("architectures", [])
 
 
-def check_against_base(modules: list, base: Path, family: str) -> None:
-    """Every module must exist in the base model with matching shapes, under its kohya name too."""
-    problems = []
-    unet_config = _read_json(base / "unet" / "config.json")
+def check_against_base(modules: list, base: Path) -> dict[str, dict]:
+    """Every module must exist in the base model with fitting shapes; returns the base's modules."""
+    problems, found = [], {}
     for component in sorted({m.component for m in modules}):
-        shapes = base_modules(base, component)
-        kohya_names = set()
-        if component in convert.KOHYA_PREFIXES.get(family, {}):
-            for path in shapes:
-                try:
-                    kohya_names.add(convert.kohya_stem(component, path, family, unet_config))
-                except convert.ConversionError:
-                    pass
+        shapes = found[component] = base_modules(base, component)
         for m in (m for m in modules if m.component == component):
             shape = shapes.get(m.path)
             if shape is None:
                 problems.append(f"{component}.{m.path}: no such module in the base model")
             elif m.down.shape[1] != shape[1] or m.up.shape[0] != shape[0]:
-                problems.append(f"{component}.{m.path}: LoRA shape {tuple(m.up.shape[:1])}x"
-                                f"{tuple(m.down.shape[1:2])} does not fit the base weight {shape}")
-            elif kohya_names and _stem(m, family, unet_config) not in kohya_names:
-                problems.append(f"{component}.{m.path}: its kohya name matches no base module")
+                problems.append(f"{component}.{m.path}: LoRA {m.up.shape[0]}x{m.down.shape[1]} "
+                                f"does not fit the base weight {shape}")
+    _refuse(problems, base)
+    return found
+
+
+def check_kohya_keys(tensors: dict, found: dict[str, dict], family: str, unet_config: dict) -> None:
+    """Every key of the file, read back, names a module of the base model (trap: a key a WebUI
+    cannot match is skipped with a warning, and the LoRA silently does less)."""
+    names = {}
+    for component, shapes in found.items():
+        for path in shapes:
+            try:
+                names[convert.kohya_stem(component, path, family, unet_config)] = path
+            except convert.ConversionError:
+                pass
+    problems = sorted({f"{key.split('.')[0]}: names no module of the base model"
+                       for key in tensors if key.split(".")[0] not in names})
+    _refuse(problems, None)
+
+
+def _refuse(problems: list[str], base: Path | None) -> None:
     if problems:
-        raise LoraError(f"{len(problems)} LoRA module(s) do not map onto the base model {base}; "
-                        "nothing was written", "the run was trained on another base model? "
+        where = f" {base}" if base else ""
+        raise LoraError(f"{len(problems)} LoRA module(s) do not map onto the base model{where}; "
+                        "nothing was written", "was the run trained on another base model? "
                         "check run.json's base.path, or `lora fetch` the model it names",
                         details=problems[:10] + ([f"… and {len(problems) - 10} more"]
                                                  if len(problems) > 10 else []))
-
-
-def _stem(m, family, unet_config) -> str | None:
-    try:
-        return convert.kohya_stem(m.component, m.path, family, unet_config)
-    except convert.ConversionError:
-        return None
 
 
 def _check_finite(tensors: dict, dtype: str) -> None:
