@@ -105,9 +105,8 @@ class Client:
         if mirror.kind != "auto":
             return mirror.kind
         if mirror.url not in self._kinds:
-            self._kinds[mirror.url] = "hub"  # while probing: no token for an unknown server
             kind = "hub"
-            try:
+            try:  # no token: we do not know yet what this server is
                 r = self.pool.request("GET", mirror.url + "/lora-mirror.json",
                                       headers={"User-Agent": f"lora/{__version__}"})
                 if r.status == 200 and r.json().get("kind") == "files":

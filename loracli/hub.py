@@ -54,6 +54,8 @@ def _files_from_tree(entries: list) -> list[RemoteFile]:
         except LoraError as err:
             raise MirrorError(err.message, True) from None
         lfs = e.get("lfs") or {}
+        if not (lfs.get("oid") or e.get("oid")):
+            raise MirrorError(f"no sha256 or git oid listed for {path}: it could not be verified", True)
         files.append(RemoteFile(path, int(e.get("size", lfs.get("size", 0))), lfs.get("oid"), e.get("oid")))
     return files
 
