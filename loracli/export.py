@@ -81,7 +81,7 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
                         "e.g. <lora:NAME:0.8>")
     r = read_run(runs.resolve(str(run)), step)
     name = _check_name(name or r.info.get("profile") or r.dir.name)
-    target = Path(output).expanduser() if output else default_path(r.dir, name, format)
+    target = output_path(output, r.dir, name, format)
     base, config_dir = base_folder(r)
     modules = _modules(r, format)
     found = check_against_base(modules, config_dir)
@@ -104,9 +104,6 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
         check_kohya_keys(tensors, found, r.family, unet_config)
         header = metadata(r, name, modules, dtype)
     else:
-        if target.suffix != ".safetensors":
-            target = target / "pytorch_lora_weights.safetensors"
-            result = ExportResult(target, format, name, r.step, dtype, counts)
         tensors, header = convert.peft_to_diffusers(r.adapters, torch_dtype)
         header.update(metadata(r, name, modules, dtype, kohya=False))
     _check_finite(tensors, dtype)
@@ -205,6 +202,24 @@ def default_path(run_dir: Path, name: str, format: str) -> Path:
             "diffusers": run_dir / f"{name}-diffusers" / "pytorch_lora_weights.safetensors",
             "peft": run_dir / f"{name}-peft",
             "merged": run_dir / f"{name}-merged"}[format]
+
+
+def output_path(output: str | Path | None, run_dir: Path, name: str, format: str) -> Path:
+    """`-o`: a file for kohya (a folder gets NAME.safetensors in it) and diffusers (a folder gets
+    pytorch_lora_weights.safetensors), a folder for peft and merged."""
+    if output is None:
+        return default_path(run_dir, name, format)
+    target = Path(output).expanduser()
+    if format in ("peft", "merged"):
+        return target
+    if target.is_dir() or str(output).endswith(("/", "\\")):
+        return target / default_path(Path(), name, format).name
+    if target.suffix != ".safetensors":
+        if format == "diffusers":
+            return target / "pytorch_lora_weights.safetensors"
+        raise LoraError(f"{target}: a kohya LoRA file must end in .safetensors",
+                        f"-o {target.with_suffix('.safetensors')}")
+    return target
 
 
 def _check_name(name: str) -> str:
@@ -445,10 +460,9 @@ def _write_peft(target: Path, r: Run, torch_dtype, header: dict, force: bool) ->
             _check_finite(tensors, str(torch_dtype))
             config = {**config, "base_model_name_or_path": r.info.get("base", {}).get("repo")
                       or r.info.get("base", {}).get("path")}
-            (tmp / component).mkdir()
-            (tmp / component / "adapter_model.safetensors").write_bytes(serialize(tensors, header))
-            (tmp / component / "adapter_config.json").write_text(
-                json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+            atomic.write_bytes(tmp / component / "adapter_model.safetensors",
+                               serialize(tensors, header))
+            atomic.write_json(tmp / component / "adapter_config.json", config)
 
 
 def _write_merged(target: Path, r: Run, base: Path, config_dir: Path, modules: list,

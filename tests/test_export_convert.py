@@ -146,3 +146,34 @@ def test_kohya_keys_are_checked_against_the_base_modules():
     with pytest.raises(LoraError, match="nothing was written") as e:
         export.check_kohya_keys(dict.fromkeys(bad), found, "sd1", {})
     assert e.value.details == ["lora_te_encoder_layers_0_self_attn_q_proj: names no module of the base model"]
+
+
+@pytest.mark.parametrize("output, fmt, want", [
+    (None, "kohya", "run/anime.safetensors"),
+    (None, "diffusers", "run/anime-diffusers/pytorch_lora_weights.safetensors"),
+    (None, "peft", "run/anime-peft"),
+    (None, "merged", "run/anime-merged"),
+    ("x/my.safetensors", "kohya", "x/my.safetensors"),
+    ("x/", "kohya", "x/anime.safetensors"),
+    ("x/d", "diffusers", "x/d/pytorch_lora_weights.safetensors"),
+    ("x/d.safetensors", "diffusers", "x/d.safetensors"),
+    ("x/p", "peft", "x/p"),
+])
+def test_output_paths(output, fmt, want, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from loracli import export
+
+    monkeypatch.chdir(tmp_path)
+    assert export.output_path(output, Path("run"), "anime", fmt) == Path(want)
+
+
+def test_a_kohya_file_must_end_in_safetensors(tmp_path):
+    from pathlib import Path
+
+    from loracli import export
+    from loracli.errors import LoraError
+
+    with pytest.raises(LoraError, match="must end in .safetensors") as e:
+        export.output_path(tmp_path / "anime.ckpt", Path("run"), "anime", "kohya")
+    assert e.value.hint == f"-o {tmp_path / 'anime.safetensors'}"
