@@ -105,6 +105,9 @@ def _register() -> None:
 
     app.command("export")(export_cmd.export)
     app.command("inspect")(inspect_cmd.inspect)
+    from loracli.commands import demo as demo_cmd
+
+    app.command("demo")(demo_cmd.demo)
 
 
 _register()

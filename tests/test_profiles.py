@@ -51,7 +51,7 @@ def test_default_preset_equals_the_dataclass_defaults():
     assert defaults.train.save_steps == 100
 
 
-@pytest.mark.parametrize("name", ["default", "anime", "style", "character", "sdxl-style"])
+@pytest.mark.parametrize("name", ["default", "anime", "style", "character", "sdxl-style", "demo"])
 def test_every_preset_parses_and_comments_every_key(name):
     text = profiles.preset_text(name)
     data = tomllib.loads(text)

@@ -1,0 +1,53 @@
+"""`lora demo`: the main job, end to end, on the embedded tiny model (no network, no GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loracli import output
+
+NEXT_STEPS = """\
+This was a tiny random model, so the pictures are noise patterns; what changed between the rows
+is the LoRA at work. For real work:
+  lora fetch sd15 --mirror hf-mirror           # SD 1.5 through a mirror, resumable and verified
+  lora caption data/my_style --prefix "sks style"
+  lora profile new my-style --from style       # then `lora profile edit my-style`
+  lora train --profile my-style                # Ctrl+C saves; `lora resume my-style` continues
+  lora export my-style                         # -> <lora:my-style:0.8> in WebUI / ComfyUI"""
+
+
+def demo(
+    out: Path = typer.Option(Path("lora-demo"), "--output", "-o",
+                             help="Folder for the demo's data, run and pictures."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default 120)."),
+    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Fetch, caption, train, export and compare, offline, in about two minutes."""
+    from loracli import demo as demo_lib, training
+    from loracli.commands.train import RichProgress
+
+    from loracli import launch
+
+    live = output.is_terminal(sys.stderr) and not json
+    reporter = RichProgress() if live else None
+    stop = training.StopFlag()
+    with stop.installed(output.note), reporter or contextlib.nullcontext():
+        result = demo_lib.run(out, on_step=reporter or launch.plain_progress(every=20),
+                              on_stage=output.note, on_warning=output.warn, stop=stop,
+                              max_steps=steps)
+    output.emit(result.to_dict(), json, _render)
+
+
+def _render(r: dict) -> None:
+    output.note(f"denoising loss on your pictures: base {r['base_loss']:.4f} -> "
+                f"with the LoRA {r['lora_loss']:.4f}")
+    print(f"lora file:   {r['lora']}")
+    print(f"loss curve:  {r['loss_plot']}")
+    print(f"before/after grid: {r['grid']}")
+    print(f"prompt snippet: {r['snippet']}")
+    output.note(NEXT_STEPS)
