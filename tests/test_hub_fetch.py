@@ -319,3 +319,23 @@ def test_killed_fetch_resumes_across_runs(online, tmp_path, isolated):
     assert second == len(big) - offset and offset >= len(big) // 2
     assert result["downloaded"] == second
     assert (Path(result["snapshot"]) / "unet/diffusion_pytorch_model.safetensors").read_bytes() == big
+
+
+def test_huggingface_hub_reuses_what_lora_fetched(online, repo, isolated):
+    """The cache layout is huggingface_hub's own: `hf download` of the same repo into the same
+    cache finds every file and transfers no file bytes (and the loopback hub serves the hf CLI)."""
+    import subprocess
+    import sys
+
+    from hub_fixtures import lora_env
+
+    with serve({"org/tiny": repo}) as url:
+        hub.fetch("org/tiny", mirror=url, strict=True)
+        before = url.bytes_sent()
+        hf = Path(sys.executable).with_name("hf")
+        out = subprocess.run([str(hf), "download", "org/tiny", "--cache-dir", str(isolated["cache"]),
+                              "--exclude", "*.fp16.*", "--quiet"],
+                             env=lora_env(HF_ENDPOINT=url), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert url.bytes_sent() == before
+    assert Path(out.stdout.strip().splitlines()[-1]) == models.local_snapshot("org/tiny")
