@@ -95,11 +95,11 @@ class LoraModule:
 
 def peft_alpha(config: dict, path: str, rank: int) -> float:
     """The kohya alpha (scaling × r) that reproduces peft's scaling for one module."""
-    from peft.utils.other import get_pattern_key
-
     alpha = float(config.get("lora_alpha", rank))
     patterns = config.get("alpha_pattern") or {}
     if patterns:
+        from peft.utils.other import get_pattern_key  # peft's own matching rule
+
         key = get_pattern_key(list(patterns), path)
         alpha = float(patterns.get(key, alpha))
     if config.get("use_rslora"):
