@@ -163,6 +163,7 @@ class Fetcher:
         self.workers = workers
         self.transferred = 0
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
 
     def event(self, **e) -> None:
         with self._lock:
@@ -177,14 +178,21 @@ class Fetcher:
         todo = list({f.blob: f for f in files if not self.blob_path(f).exists()}.values())
         todo.sort(key=lambda f: -f.size)
         errors: list[LoraError] = []
-        if todo:
-            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="lora-fetch") as pool:
-                futures = [pool.submit(self.download, f, commit, repo_id) for f in todo]
-                for fut in futures:
-                    try:
-                        fut.result()
-                    except LoraError as e:
-                        errors.append(e)
+        if not todo:
+            return
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="lora-fetch")
+        try:
+            futures = [pool.submit(self.download, f, commit, repo_id) for f in todo]
+            for fut in futures:
+                try:
+                    fut.result()
+                except LoraError as e:
+                    errors.append(e)
+        except BaseException:  # Ctrl-C: stop the workers at their next chunk; partials stay
+            self._cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         if errors:
             raise errors[0]
 
@@ -264,6 +272,8 @@ class Fetcher:
             done = offset
             with open(part, "ab" if offset else "wb") as out:
                 for chunk in r.stream(CHUNK):
+                    if self._cancel.is_set():
+                        raise KeyboardInterrupt
                     out.write(chunk)
                     for h in hashers:
                         h.update(chunk)

@@ -339,3 +339,27 @@ def test_huggingface_hub_reuses_what_lora_fetched(online, repo, isolated):
         assert out.returncode == 0, out.stderr
         assert url.bytes_sent() == before
     assert Path(out.stdout.strip().splitlines()[-1]) == models.local_snapshot("org/tiny")
+
+
+def test_ctrl_c_stops_quickly_and_the_next_run_resumes(online, tmp_path, isolated):
+    import signal
+
+    folder = tmp_path / "big"
+    (folder / "unet").mkdir(parents=True)
+    big = os.urandom(3_000_000)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(big)
+    blobs_dir = models.repo_folder("org/big") / "blobs"
+    with serve({"org/big": folder}, delay=0.05) as url:  # ~1.3 MB/s: a 2 s download
+        proc = lora_proc("fetch", "org/big", "--mirror", url, "--strict")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                blobs_dir.is_dir() and any(p.stat().st_size > 0 for p in blobs_dir.glob("*.incomplete"))):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)  # well before the download could finish
+        assert proc.returncode == 130, err
+        partial = next(blobs_dir.glob("*.incomplete")).stat().st_size
+        assert 0 < partial < len(big)
+        url.server.delay = 0
+        result = hub.fetch("org/big", mirror=url, strict=True)
+    assert result["downloaded"] == len(big) - partial
