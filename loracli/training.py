@@ -235,6 +235,7 @@ class Model:
         self.encoders = [parts[n] for n in self.family.text_encoders]
         self.tokenizers = [parts[n] for n in self.family.tokenizers]
         self.noise = DDPMScheduler.from_config(parts["scheduler"].config)
+        self.parts = parts  # the loaded components by name, for sample pipelines
         self.scaling = self.vae.config.scaling_factor
         self.shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.device, self.weight_dtype = device, weight_dtype
@@ -580,6 +581,13 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
 
                     plot.write(metrics_path, run_dir / "loss.png")
                 accelerator.wait_for_everyone()
+            sample = profile.sample
+            if sample.every_steps and sample.prompts and \
+                    (done % sample.every_steps == 0 or done == max_steps):
+                if main:
+                    metrics["samples"] = [str(p) for p in render_samples(
+                        model, profile, run_dir, done, accelerator.unwrap_model)]
+                accelerator.wait_for_everyone()
             result.step, result.loss = done, loss_value
             if main and on_step:
                 on_step(metrics)
@@ -599,6 +607,59 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
             log.close()
     result.status = "finished"
     return result
+
+
+def render_samples(model: Model, profile: profiles.Profile, run_dir: Path, step: int,
+                   unwrap=lambda m: m) -> list[Path]:
+    """Images for the profile's sample prompts with the LoRA as it is now: samples/step-N-i.png.
+
+    The pipeline is built from the components in memory (whatever the family's pipeline class
+    needs; optional parts left empty). Seeded generators only: the training RNG is untouched.
+    """
+    import inspect
+    import io
+
+    import diffusers
+    import torch
+
+    s, res = profile.sample, profile.data.resolution // 8 * 8
+    cls = getattr(diffusers, model.family.pipeline)
+    parts = {**model.parts, "unet": unwrap(model.unet)}
+    for name in model.trained:
+        parts[name] = unwrap(model.trained[name])
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {n: parts.get(n) for n, p in params.items()
+              if n != "self" and (n in parts or p.default is inspect.Parameter.empty)}
+    for flag in ("requires_safety_checker", "add_watermarker"):
+        if flag in params:
+            kwargs[flag] = False
+    pipe = cls(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    moved = [m for m in (model.vae, *(parts[n] for n in model.family.text_encoders))
+             if m.device != model.device]
+    for m in moved:
+        m.to(model.device)
+    trained = [unwrap(m) for m in model.trained.values()]
+    for m in trained:
+        m.eval()
+    paths = []
+    try:
+        with torch.no_grad():
+            for i, prompt in enumerate(s.prompts):
+                g = torch.Generator("cpu").manual_seed(s.seed + i)
+                image = pipe(prompt, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                             generator=g, height=res, width=res).images[0]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                path = Path(run_dir) / "samples" / f"step-{step:06d}-{i:02d}.png"
+                atomic.write_bytes(path, buf.getvalue())
+                paths.append(path)
+    finally:
+        for m in trained:
+            m.train()
+        for m in moved:
+            m.to("cpu")
+    return paths
 
 
 def evaluate(run_dir: Path, step: int | None = None, use_lora: bool = True, draws: int = 8,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -109,7 +110,8 @@ def test_sdxl_trains_unet_and_both_text_encoders(tiny_sdxl, tmp_path):
     data = make_dataset(tmp_path / "data", n=2)
     path = write_profile(tmp_path / "xl.toml", tiny_sdxl, data, tmp_path / "out",
                          lora={"train_text_encoder": True},
-                         train={"max_steps": 2, "save_steps": 2, "batch_size": 2})
+                         train={"max_steps": 2, "save_steps": 2, "batch_size": 2},
+                         sample={"prompts": ["sks, red square"], "every_steps": 2, "steps": 2})
     run_dir, _ = training.start(profiles.load(str(path)))
     result = training.run(run_dir)
     assert result.status == "finished"
@@ -123,14 +125,26 @@ def test_sdxl_trains_unet_and_both_text_encoders(tiny_sdxl, tmp_path):
         assert any(v.abs().sum() > 0 for k, v in saved.items()
                    if k.startswith(te + "/") and "lora_B" in k)  # the text encoders did train
     assert runs.info(run_dir)["base"]["family"] == "sdxl"
+    _assert_sample(run_dir / "samples" / "step-000002-00.png")
+
+
+def _assert_sample(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
 
 
 def test_sd2_is_detected_as_v_prediction(tiny_sd2, tmp_path):
     data = make_dataset(tmp_path / "data", n=2)
     path = write_profile(tmp_path / "v.toml", tiny_sd2, data, tmp_path / "out",
-                         train={"max_steps": 1, "save_steps": 1, "min_snr_gamma": 5.0})
+                         train={"max_steps": 1, "save_steps": 1, "min_snr_gamma": 5.0},
+                         sample={"prompts": ["a", "b"], "every_steps": 1, "steps": 2})
     run_dir, _ = training.start(profiles.load(str(path)))
-    assert training.run(run_dir).status == "finished"
+    steps = []
+    assert training.run(run_dir, on_step=steps.append).status == "finished"
+    assert [Path(p).name for p in steps[0]["samples"]] == ["step-000001-00.png", "step-000001-01.png"]
+    _assert_sample(run_dir / "samples" / "step-000001-01.png")
     base = runs.info(run_dir)["base"]
     assert (base["family"], base["prediction_type"]) == ("sd2", "v_prediction")
 
