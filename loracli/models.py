@@ -378,3 +378,29 @@ def remove(model: str) -> dict:
         shutil.rmtree(trash)
     tracking.remove(ref.repo_id)
     return {"model": ref.name, "repo_id": ref.repo_id, "path": str(repo_dir), "freed": size}
+
+
+def prune(repo_id: str) -> int:
+    """Delete snapshots no ref points at, and blobs no remaining snapshot uses; bytes freed.
+
+    For `lora mirror sync --prune`: a model that changed upstream keeps only its current commit.
+    """
+    from filelock import FileLock
+
+    cache = paths.cache_dir()
+    repo_dir = repo_folder(repo_id, cache)
+    if not repo_dir.is_dir():
+        return 0
+    freed = 0
+    (cache / ".locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".locks" / f"{repo_dir.name}.lora.lock")):
+        live = {p.read_text("utf-8").strip() for p in (repo_dir / "refs").rglob("*") if p.is_file()}
+        for snap in (repo_dir / "snapshots").iterdir():
+            if snap.name not in live:
+                shutil.rmtree(snap)
+        used = {os.path.realpath(p) for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink()}
+        for blob in (repo_dir / "blobs").iterdir():
+            if str(blob.resolve()) not in used and not blob.name.endswith(".incomplete"):
+                freed += blob.stat().st_size
+                blob.unlink()
+    return freed

@@ -69,7 +69,7 @@ def _select(names: list[str] | None) -> list[tuple[str, dict]]:
 
 def sync(names: list[str] | None = None, *, mirror: str | None = None, wait: bool = False,
          publish: Path | None = None, strict: bool = False, timeout: float | None = None,
-         on_event: Callable[[dict], None] | None = None) -> dict:
+         prune: bool = False, on_event: Callable[[dict], None] | None = None) -> dict:
     """Sync tracked models (all, or `names`); returns {"ok", "models": [status entries]}."""
     from filelock import FileLock, Timeout
 
@@ -111,6 +111,8 @@ def sync(names: list[str] | None = None, *, mirror: str | None = None, wait: boo
                     _stamp(entry, "last_update", now)
                     _stamp(entry, "last_ended", now)
                     tracking.update(key, last_sync=entry["last_update"])
+                    if prune and entry["changed"]:
+                        entry["pruned"] = models.prune(record["repo_id"])
                     if publish is not None:
                         publish_model(Path(publish), tracking.load()[key])
                     break

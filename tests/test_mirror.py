@@ -77,6 +77,16 @@ def test_sync_unchanged_transfers_nothing_and_changed_transfers_one_file(cli, on
     snap = models.local_snapshot("org/tiny")
     assert snap.name == entry["commit"]
     assert (snap / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == b"new weights" * 1000
+    old_snapshots = list(models.repo_folder("org/tiny").joinpath("snapshots").iterdir())
+    assert len(old_snapshots) == 2  # the previous commit stays until --prune
+    (repo / "unet" / "config.json").write_text('{"component": "unet", "v": 2}')
+    with serve({"org/tiny": repo}) as url2:
+        r = cli("mirror", "sync", "--mirror", url2, "--prune", "--json")
+        assert r.exit_code == 0, r.stderr
+    entry = json.loads(r.stdout)["models"][0]
+    assert entry["pruned"] == 200_000 + len('{"component": "unet"}')  # first vae weights, old config
+    assert [p.name for p in models.repo_folder("org/tiny").joinpath("snapshots").iterdir()] == [entry["commit"]]
+    assert cli("cache", "verify").exit_code == 0
     status = json.loads(cli("mirror", "status", "--json").stdout)
     assert status[0]["status"] == "success" and status[0]["last_update_ts"] >= status[0]["last_started_ts"]
     assert json.loads(cli("cache", "list", "--json").stdout)[0]["last_sync"] == status[0]["last_update"]

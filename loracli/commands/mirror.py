@@ -108,6 +108,8 @@ def sync(
                                            "(files + manifest) here, for a static web server."),
     strict: bool = typer.Option(False, "--strict", help="No fallback to other mirrors."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds before a stalled mirror is left."),
+    prune: bool = typer.Option(False, "--prune", help="Delete a changed model's old snapshots and "
+                               "unused files (not while something still reads them)."),
     json: bool = JsonOpt,
 ) -> None:
     """Bring every tracked model to its mirror's current commit (cron-friendly; exit 1 if any failed)."""
@@ -117,7 +119,7 @@ def sync(
     reporter = Reporter()
     try:
         result = sync_lib.sync(models or None, mirror=mirror, wait=wait, publish=publish,
-                               strict=strict, timeout=timeout, on_event=reporter)
+                               strict=strict, timeout=timeout, prune=prune, on_event=reporter)
     finally:
         reporter.close()
     output.emit(result, json, lambda r: _render_status(r["models"]))
