@@ -2,8 +2,9 @@
 
 `load("ViT-L-14", "openai")` finds the weights in `paths.cache_dir()` (where `lora fetch` puts
 them) and never downloads: a missing file is a `LoraError` whose hint is the exact `lora fetch`
-command. `--weights` may also be a local weights file or a `local-dir:` folder (an
-`open_clip_config.json` beside the weights). Label text embeddings are cached on disk, keyed by the
+command. `--weights` may also be a local weights file, a `local-dir:` folder (an
+`open_clip_config.json` beside the weights) or `hf-hub:org/name` (that repo's snapshot in the
+cache). Label text embeddings are cached on disk, keyed by the
 model's weights, the labels and the templates, so a second run spends no time on text.
 """
 
@@ -25,6 +26,7 @@ from loracli.errors import LoraError
 DEFAULT_MODEL = "ViT-L-14"
 DEFAULT_WEIGHTS = "openai"
 LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CACHE_VERSION = 1
 
@@ -111,6 +113,12 @@ def resolve_weights(model: str, weights: str) -> tuple[str, str | None, dict, st
     Pure lookups: open_clip's tag table and the model cache, no network, no torch.
     """
     weights = (weights or "").strip()
+    for spec in (model, weights):
+        if spec.startswith(HF_HUB):  # an open_clip repo: its snapshot is a local-dir: folder
+            from loracli import models
+
+            snapshot = models.local_snapshot(spec[len(HF_HUB):])  # hint: lora fetch ORG/NAME
+            return resolve_weights("", f"{LOCAL_DIR}{snapshot}")
     if weights.startswith(LOCAL_DIR):
         folder = Path(weights[len(LOCAL_DIR):]).expanduser()
         config = folder / "open_clip_config.json"

@@ -316,3 +316,17 @@ def test_local_weights(tmp_path):
     assert (name, file) == ("ViT-B-32", str(tmp_path / "open_clip_model.safetensors"))
     with pytest.raises(LoraError, match="no such weights file"):
         clipmodel.resolve_weights("ViT-B-32", str(tmp_path / "missing.safetensors"))
+
+
+def test_hf_hub_repos_come_from_the_cache(isolated):
+    from loracli import clipmodel
+
+    repo = "someone/tiny-open-clip"
+    with pytest.raises(LoraError) as e:
+        clipmodel.resolve_weights("hf-hub:" + repo, "openai")
+    assert e.value.hint == f"lora fetch {repo}"
+    snap = _fake_snapshot(isolated["cache"], repo, {"open_clip_config.json": b"{}",
+                                                    "open_clip_model.safetensors": b"w"})
+    for model, weights in ((f"hf-hub:{repo}", "openai"), ("ViT-L-14", f"hf-hub:{repo}")):
+        name, file, _, _ = clipmodel.resolve_weights(model, weights)
+        assert (name, file) == (f"local-dir:{snap}", None)

@@ -245,3 +245,13 @@ def test_dry_run_recursive_and_caption_extension(cli, taught_clip, bank, tmp_pat
     examples = dataset.scan(data, caption_ext=".caption")
     assert len(examples) == 4 and all(e.caption in ("red, square", "blue, circle")
                                       for e in examples)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_gives_the_same_captions(cli, taught_clip, bank, tmp_path):
+    truth = make_folder(tmp_path / "g", n=3)
+    r = cli("caption", tmp_path / "g", "--weights", f"local-dir:{taught_clip}", "--labels", bank,
+            "--device", "cuda", "--json")
+    assert r.exit_code == 0, r.stderr
+    for name, (colour, shape) in truth.items():
+        assert_right((tmp_path / "g" / name).with_suffix(".txt").read_text("utf-8"), colour, shape)

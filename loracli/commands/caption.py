@@ -15,7 +15,8 @@ def caption(
     model: str = typer.Option("ViT-L-14", "--model", help="open_clip architecture."),
     weights: str = typer.Option(
         "openai", "--weights",
-        help="open_clip weights tag (from the model cache), a weights file, or local-dir:FOLDER."),
+        help="open_clip weights: a tag (from the model cache), a weights file, local-dir:FOLDER "
+             "or hf-hub:ORG/NAME (cached)."),
     labels: Optional[List[str]] = typer.Option(
         None, "--labels", help="Label bank: a TOML file or built-in name (repeatable; default: default)."),
     prefix: str = typer.Option("", "--prefix", help="Trigger word/prefix put first in every caption."),
