@@ -381,20 +381,25 @@ def read_metadata(folder: Path) -> tuple[list[str], list[dict]]:
 
 
 def plan(folder: Path, images: list[Path], ext: str) -> list[Entry]:
-    """Each image with its caption file and existing caption (caption file wins over the row)."""
-    rows_by_dir: dict[Path, dict[str, str]] = {}
+    """Each image with its caption file and the caption it already has: the newer of its
+    metadata.csv row and its caption file, so a hand edit to either is what is kept (and
+    the rewritten metadata.csv carries an edited caption file to the trainer, which reads
+    metadata.csv first)."""
+    rows_by_dir: dict[Path, tuple[dict[str, str], float]] = {}
     entries = []
     for image in images:
         if image.parent not in rows_by_dir:
             _, rows = read_metadata(image.parent)
-            rows_by_dir[image.parent] = {r["file_name"].strip(): (r.get("text") or "").strip()
-                                         for r in rows if r.get("file_name")}
+            meta = image.parent / METADATA
+            rows_by_dir[image.parent] = (
+                {r["file_name"].strip(): (r.get("text") or "").strip()
+                 for r in rows if r.get("file_name")},
+                meta.stat().st_mtime if rows else 0.0)
+        rows, meta_mtime = rows_by_dir[image.parent]
         caption_file = image.with_suffix(ext)
-        existing = None
-        if caption_file.is_file():
-            existing = caption_file.read_text("utf-8", errors="replace").strip()
-        elif rows_by_dir[image.parent].get(image.name):
-            existing = rows_by_dir[image.parent][image.name]
+        existing = rows.get(image.name)
+        if caption_file.is_file() and (not existing or caption_file.stat().st_mtime > meta_mtime):
+            existing = caption_file.read_text("utf-8", errors="replace").strip() or existing
         entries.append(Entry(image, caption_file, existing or None))
     return entries
 
@@ -473,9 +478,11 @@ def caption_folder(folder: Path, options: Options = Options(), *, clip=None,
         raise _no_images(folder, options.recursive)
     bank = load_bank(options.labels)
     entries = plan(folder, images, ext)
-    todo = [e for e in entries if e.existing is None or options.existing != "skip"]
+    todo = []
     for e in entries:
-        if e not in todo:
+        if e.existing is None or options.existing != "skip":
+            todo.append(e)
+        else:
             e.text, e.status = e.existing, "kept"
 
     timings = {"load_model_s": 0.0, "text_s": 0.0, "images_s": 0.0}

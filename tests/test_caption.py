@@ -180,13 +180,19 @@ def test_banks_combine_and_refuse_duplicate_categories(tmp_path):
 
 # --- folder bookkeeping ----------------------------------------------------------------------
 
-def test_plan_reads_caption_files_before_metadata_rows(tmp_path):
-    for name in ("a.png", "b.png", "c.png"):
+def test_plan_keeps_the_newer_of_metadata_row_and_caption_file(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "a.txt").write_text("from file\n", "utf-8")
-    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,from row\nb.png,row b\n", "utf-8")
+    (tmp_path / "d.txt").write_text("d file\n", "utf-8")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,from row\nb.png,row b\nd.png,\n",
+                                           "utf-8")
+    os.utime(tmp_path / "a.txt", (1e9, 1e9))  # written before metadata.csv
     entries = captions.plan(tmp_path, sorted(tmp_path.glob("*.png")), ".txt")
-    assert [e.existing for e in entries] == ["from file", "row b", None]
+    assert [e.existing for e in entries] == ["from row", "row b", None, "d file"]
+    os.utime(tmp_path / "a.txt", (4e9, 4e9))  # edited after metadata.csv: the edit wins
+    entries = captions.plan(tmp_path, sorted(tmp_path.glob("*.png")), ".txt")
+    assert [e.existing for e in entries] == ["from file", "row b", None, "d file"]
 
 
 def test_metadata_keeps_other_columns_and_rows(tmp_path):
