@@ -338,7 +338,7 @@ class Entry:
 
     image: Path
     caption_file: Path
-    existing: str | None  # caption file text, else its metadata.csv row, else None
+    existing: str | None  # the newer of its metadata.csv row and caption file, else None
     text: str | None = None  # the caption it ends with
     status: str = "pending"  # captioned | kept | failed
     error: str = ""
@@ -437,8 +437,10 @@ def write_metadata(entries: list[Entry]) -> list[Path]:
         if not any(e.text for e in group):
             continue
         columns, rows = read_metadata(folder)
-        atomic.write_text(folder / METADATA, metadata_text(columns, rows, group))
-        written.append(folder / METADATA)
+        text, path = metadata_text(columns, rows, group), folder / METADATA
+        if not path.is_file() or path.read_text("utf-8-sig", errors="replace") != text:
+            atomic.write_text(path, text)
+        written.append(path)
     return written
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,12 +68,28 @@ class ClipModel:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _offline() -> None:
-    """Captioning never downloads: make huggingface_hub offline before (or even after) import."""
+@contextmanager
+def offline():
+    """No network while open_clip loads: `HF_HUB_OFFLINE=1` before huggingface_hub is imported
+    (it reads the variable once, at import) and on its constants if it already was; both are put
+    back afterwards, so a process that goes on to `lora fetch` is not left offline."""
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants = sys.modules.get("huggingface_hub.constants")
+    saved_const = getattr(constants, "HF_HUB_OFFLINE", None)
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = (saved_const if saved_const is not None else
+                                        (saved_env or "").strip().lower() in ("1", "true", "yes", "on"))
 
 
 def default_device() -> str:
@@ -84,13 +101,22 @@ def default_device() -> str:
 def load(model: str = DEFAULT_MODEL, weights: str = DEFAULT_WEIGHTS,
          device: str | None = None) -> ClipModel:
     """Load `model` (an open_clip architecture) with `weights` (tag, file or `local-dir:`)."""
-    _offline()
-    model_name, pretrained, extra, identity = resolve_weights(model, weights)
-    import open_clip
-    import torch
+    with offline():
+        model_name, pretrained, extra, identity = resolve_weights(model, weights)
+        import torch
 
-    device = device or default_device()
-    precision = "fp16" if device.startswith("cuda") else "fp32"
+        device = device or default_device()
+        precision = "fp16" if device.startswith("cuda") else "fp32"
+        net, preprocess, tokenizer = _create(model_name, pretrained, extra, weights, device,
+                                             precision)
+    net.eval()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    return ClipModel(net, preprocess, tokenizer, f"{identity}|{precision}", device, dtype)
+
+
+def _create(model_name, pretrained, extra, weights, device, precision):
+    import open_clip
+
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, precision=precision,
@@ -102,9 +128,7 @@ def load(model: str = DEFAULT_MODEL, weights: str = DEFAULT_WEIGHTS,
                         "check --model/--weights (`lora caption --help`); "
                         "list architectures with `python -c 'import open_clip; "
                         "print(open_clip.list_models())'`") from None
-    net.eval()
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    return ClipModel(net, preprocess, tokenizer, f"{identity}|{precision}", device, dtype)
+    return net, preprocess, tokenizer
 
 
 def resolve_weights(model: str, weights: str) -> tuple[str, str | None, dict, str]:

@@ -336,3 +336,25 @@ def test_hf_hub_repos_come_from_the_cache(isolated):
     for model, weights in ((f"hf-hub:{repo}", "openai"), ("ViT-L-14", f"hf-hub:{repo}")):
         name, file, _, _ = clipmodel.resolve_weights(model, weights)
         assert (name, file) == (f"local-dir:{snap}", None)
+
+
+def test_loading_is_offline_and_puts_the_setting_back(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    from loracli import clipmodel
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = {}
+
+    def fake_create(*args):
+        seen["env"], seen["const"] = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+        raise LoraError("stop here")
+
+    monkeypatch.setattr(clipmodel, "_create", fake_create)
+    (tmp_path / "open_clip_config.json").write_text("{}")
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"w")
+    with pytest.raises(LoraError, match="stop here"):
+        clipmodel.load("x", f"local-dir:{tmp_path}", device="cpu")
+    assert seen == {"env": "1", "const": True}
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
