@@ -255,3 +255,30 @@ def test_cuda_fp16_gives_the_same_captions(cli, taught_clip, bank, tmp_path):
     assert r.exit_code == 0, r.stderr
     for name, (colour, shape) in truth.items():
         assert_right((tmp_path / "g" / name).with_suffix(".txt").read_text("utf-8"), colour, shape)
+
+
+def test_weights_from_the_model_cache_by_repo(cli, taught_clip, bank, tmp_path, isolated):
+    """The hub cache layout `lora fetch` writes (blobs + snapshot symlinks + refs/main)."""
+    import hashlib
+
+    from loracli import models
+
+    repo_id = "someone/taught-clip"
+    repo = models.repo_folder(repo_id)
+    (repo / "blobs").mkdir(parents=True)
+    commit = "a" * 40
+    for f in taught_clip.iterdir():
+        if f.name.startswith("."):
+            continue
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo / "blobs" / digest)
+        models.link_into_snapshot(repo, commit, f.name, digest)
+    models.set_ref(repo, "main", commit)
+    truth = make_folder(tmp_path / "c", n=1)
+    r = cli("caption", tmp_path / "c", "--model", f"hf-hub:{repo_id}", "--labels", bank)
+    assert r.exit_code == 0, r.stderr
+    for name, (colour, shape) in truth.items():
+        assert_right((tmp_path / "c" / name).with_suffix(".txt").read_text("utf-8"), colour, shape)
+    r = cli("caption", tmp_path / "c", "--model", "hf-hub:someone/not-fetched", "--labels", bank,
+            "--existing", "overwrite")
+    assert r.exit_code == 1 and "hint: lora fetch someone/not-fetched" in r.stderr
