@@ -74,20 +74,71 @@ def _text_config(**extra):
     )
 
 
+VAE_K = 10.0  # the constant channels that keep GroupNorm from erasing colour (see _vae)
+
+
 def _vae():
+    """A tiny AutoencoderKL whose weights are set by hand, not random: the encoder averages each
+    8x8 pixel block into a latent pixel (RGB and luminance), the decoder repeats it back. So
+    latents carry the picture's colours and layout, and generated samples are readable 8x8
+    mosaics instead of noise.
+
+    Residual branches are zeroed (every ResNet block and attention is an identity). The final
+    GroupNorms would remove each channel's mean; each group instead holds (v, -v, K, -K), whose
+    mean is 0 and whose spread is ~K/sqrt(2) whatever v is, so v passes through scaled by a
+    near-constant, and SiLU(a) - SiLU(-a) = a undoes the activation in the next convolution.
+    """
+    import math
+
+    import torch
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
+    k = VAE_K
+    gain = k / math.sqrt(2.0)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16), layers_per_block=1, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8, sample_size=64,
+        norm_num_groups=4, sample_size=64, scaling_factor=gain,
     )
+    enc, dec = vae.encoder, vae.decoder
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for norm in (enc.conv_norm_out, dec.conv_norm_out):
+            norm.weight.fill_(1.0)
+        for c in range(4):
+            src = [c] if c < 3 else [0, 1, 2]
+            for s in src:
+                enc.conv_in.weight[4 * c, s, 1, 1] = 1.0 / len(src)
+                enc.conv_in.weight[4 * c + 1, s, 1, 1] = -1.0 / len(src)
+            enc.conv_out.weight[c, 4 * c, 1, 1] = 1.0
+            enc.conv_out.weight[c, 4 * c + 1, 1, 1] = -1.0
+            dec.conv_in.weight[4 * c, c, 1, 1] = gain
+            dec.conv_in.weight[4 * c + 1, c, 1, 1] = -gain
+            for conv_in in (enc.conv_in, dec.conv_in):
+                conv_in.bias[4 * c + 2] = k
+                conv_in.bias[4 * c + 3] = -k
+            if c < 3:
+                dec.conv_out.weight[c, 4 * c, 1, 1] = gain
+                dec.conv_out.weight[c, 4 * c + 1, 1, 1] = -gain
+        enc.conv_out.bias[4:] = -20.0  # log-variance: a near-deterministic latent
+        eye = torch.eye(16)
+        for block in enc.down_blocks:
+            for down in block.downsamplers or []:
+                down.conv.weight[:, :, 0:2, 0:2] = 0.25 * eye[:, :, None, None]
+        for block in dec.up_blocks:
+            for up in block.upsamplers or []:
+                up.conv.weight[:, :, 1, 1] = eye
+        vae.quant_conv.weight[:, :, 0, 0] = torch.eye(8)
+        vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(4)
+    return vae
 
 
 def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny diffusers pipeline folder of `family` (sd1, sd2 with v-prediction, sdxl).
 
-    The VAE downsamples 8x like the real ones, so a 64 px image gives the UNet's 8x8 latents.
+    The VAE downsamples 8x like the real ones, so a 64 px image gives the UNet's 8x8 latents;
+    it is a fixed block-average encoder/decoder (`_vae`), the UNet and text encoders are random.
     """
     import torch
     from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
