@@ -84,30 +84,22 @@ def _root(
 
 
 def _register() -> None:
-    from loracli.commands import completion, doctor, profile
+    """The command table, in the order of the main job. Command modules import nothing heavy."""
+    from loracli.commands import (cache, caption, completion, demo, doctor, export, fetch,
+                                  inspect, mirror, profile, resume, train)
 
+    app.command("demo")(demo.demo)
+    app.command("fetch")(fetch.fetch)
+    app.add_typer(mirror.app, name="mirror")
+    app.add_typer(cache.app, name="cache")
+    app.command("caption")(caption.caption)
     app.add_typer(profile.app, name="profile")
+    app.command("train")(train.train)
+    app.command("resume")(resume.resume)
+    app.command("export")(export.export)
+    app.command("inspect")(inspect.inspect)
     app.command("doctor")(doctor.doctor)
     app.command("completion")(completion.completion)
-    from loracli.commands import caption as caption_cmd
-
-    app.command("caption")(caption_cmd.caption)
-    from loracli.commands import cache as cache_cmd, fetch as fetch_cmd, mirror as mirror_cmd
-
-    app.command("fetch")(fetch_cmd.fetch)
-    app.add_typer(mirror_cmd.app, name="mirror")
-    app.add_typer(cache_cmd.app, name="cache")
-    from loracli.commands import resume as resume_cmd, train as train_cmd
-
-    app.command("train")(train_cmd.train)
-    app.command("resume")(resume_cmd.resume)
-    from loracli.commands import export as export_cmd, inspect as inspect_cmd
-
-    app.command("export")(export_cmd.export)
-    app.command("inspect")(inspect_cmd.inspect)
-    from loracli.commands import demo as demo_cmd
-
-    app.command("demo")(demo_cmd.demo)
 
 
 _register()
