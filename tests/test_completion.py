@@ -38,5 +38,5 @@ def test_profile_names_complete_without_heavy_imports(isolated):
                COMP_CWORD="3")
     out = subprocess.run([sys.executable, "-c", code, "lora"], capture_output=True, text=True,
                          env=env)
-    assert out.stdout.split() == ["default", "dreamy"]
+    assert out.stdout.split() == ["default", "demo", "dreamy"]
     assert "HEAVY:\n" in out.stderr
