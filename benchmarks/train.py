@@ -74,7 +74,7 @@ def make_images(folder: Path, size: int, n: int = 4) -> Path:
 
 def one(base: str, data: str, out: str, steps: int, batch: int, resolution: int, cache: bool) -> dict:
     """One configuration, in this process."""
-    from loracli import profiles, training
+    from loracli import profiles, runs, training
 
     overrides = [f"model.base='{base}'", f"data.dir='{data}'", f"data.resolution={resolution}",
                  f"train.max_steps={steps}", f"train.batch_size={batch}",
@@ -82,7 +82,7 @@ def one(base: str, data: str, out: str, steps: int, batch: int, resolution: int,
                  f"train.cache_latents={str(cache).lower()}", f"train.cache_text={str(cache).lower()}",
                  "train.mixed_precision='bf16'" if _cuda() else "train.mixed_precision='no'"]
     t0 = time.perf_counter()
-    run_dir, _ = training.start(profiles.load("default", overrides))
+    run_dir, _ = runs.start(profiles.load("default", overrides))
     rows = []
     result = training.run(run_dir, on_step=rows.append)
     total = time.perf_counter() - t0

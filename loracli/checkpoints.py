@@ -152,7 +152,8 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
 
 
 def load(ckpt: Path) -> dict:
-    """{"state": state.json, "adapters": {component: state dict}, "optimizer", "scheduler", "rng"}."""
+    """{"state": state.json, "adapters": {component: state dict}, "optimizer", "scheduler",
+    "rng"}."""
     import torch
     from safetensors.torch import load_file
 

@@ -115,7 +115,8 @@ def scan(folder, caption_ext: str = ".txt", trigger: str = "",
                         "or set data.dir in the profile")
     if uncaptioned:
         fallback = f"the trigger {trigger!r}" if trigger else "an empty caption"
-        names = ", ".join(p.name for p in uncaptioned[:5]) + (" …" if len(uncaptioned) > 5 else "")
+        names = ", ".join(p.name for p in uncaptioned[:5])
+        names += " …" if len(uncaptioned) > 5 else ""
         warn(f"{len(uncaptioned)} image(s) have no caption and use {fallback}: {names} "
              f"(`lora caption {folder}` writes captions)")
     return examples
@@ -231,5 +232,17 @@ def tag_frequency(examples: list[Example]) -> dict[str, dict[str, int]]:
     return {k: dict(v.most_common()) for k, v in sorted(freq.items())}
 
 
+def fingerprint(examples: list[Example]) -> str:
+    """Identity of a dataset: every image's path, size and mtime, and its caption."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in sorted(examples, key=lambda e: str(e.path)):
+        st = ex.path.stat()
+        h.update(f"{ex.path}|{st.st_size}|{st.st_mtime_ns}|{ex.repeats}|{ex.caption}\n".encode())
+    return h.hexdigest()
+
+
 __all__ = ["Example", "Sample", "Dataset", "scan", "plan", "bucket_for", "epoch_batches",
-           "batches_per_epoch", "transform_caption", "geometry", "load_pixels", "tag_frequency", "is_image"]
+           "batches_per_epoch", "transform_caption", "geometry", "load_pixels", "tag_frequency",
+           "fingerprint", "is_image"]

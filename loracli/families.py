@@ -121,7 +121,8 @@ def detect(folder: Path) -> str:
 
 def prediction_type(folder: Path) -> str:
     try:
-        config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+        path = Path(folder) / "scheduler" / "scheduler_config.json"
+        config = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return "epsilon"
     return config.get("prediction_type") or "epsilon"

@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from loracli.errors import LoraError
 
@@ -133,3 +134,92 @@ def info(run_dir: Path) -> dict:
 def default_output_dir(profile_name: str, template: str) -> Path:
     return Path(template.format(profile=profile_name)).expanduser()
 
+
+# ---------------------------------------------------------------- starting and resuming
+
+
+def _frozen(profile):
+    """The profile with its paths made absolute, as the run folder records it."""
+    from loracli import profiles
+
+    data = profile.to_dict()
+    data["data"]["dir"] = str(Path(profile.data.dir).expanduser().resolve())
+    out = default_output_dir(profile.name, profile.train.output_dir)
+    data["train"]["output_dir"] = str(out.resolve())
+    return profiles.parse(data, name=profile.name)
+
+
+def load_profile(run_dir: Path):
+    """The run's frozen profile (profile.toml)."""
+    from loracli import profiles
+
+    path = Path(run_dir) / "profile.toml"
+    name = info(run_dir).get("profile", Path(run_dir).name)
+    return profiles.parse(profiles.read_mapping(path), name=name, source=str(path))
+
+
+def changed_keys(old, new) -> list[str]:
+    """`section.key: old → new` for every key that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{s}.{k}: {a[s][k]!r} → {b[s][k]!r}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+def start(profile, restart: bool = False,
+          on_warning: Callable[[str], None] | None = None,
+          invocation: str | None = None) -> tuple[Path, bool]:
+    """The run folder for `profile`: `(path, True)` when an existing run is to be resumed.
+
+    `invocation` is the command that started it, for the hint (default `lora train --profile NAME`).
+    """
+    import datetime as dt
+
+    from loracli import __version__, atomic, families
+    from loracli import dataset as ds
+
+    warn = on_warning or (lambda _m: None)
+    profile = _frozen(profile)
+    run_dir = Path(profile.train.output_dir)
+    if (run_dir / "run.json").is_file():
+        if restart:
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+            aside = run_dir.with_name(f"{run_dir.name}.{stamp}")
+            run_dir.rename(aside)
+            warn(f"kept the previous run as {aside}; starting a new one in {run_dir}")
+        else:
+            changed = changed_keys(load_profile(run_dir), profile)
+            if changed:
+                raise LoraError(
+                    f"profile {profile.name!r} changed since the run in {run_dir} started",
+                    f"`lora resume {run_dir}` continues with the run's own settings; "
+                    f"`{invocation or 'lora train --profile ' + profile.name} --restart` "
+                    "starts a new run "
+                    "(the old one is kept)", details=changed)
+            return run_dir, True
+    base = families.resolve_base(profile.model.base, profile.model.family,
+                                 profile.model.prediction_type)
+    family = families.get(base.family)
+    examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trained = ["unet"] + (list(family.text_encoders) if profile.lora.train_text_encoder else [])
+    atomic.write_text(run_dir / "profile.toml", profile.to_toml())
+    atomic.write_json(run_dir / "dataset.json", {
+        "num_images": len(examples), "resolution": profile.data.resolution,
+        "tag_frequency": ds.tag_frequency(examples), "fingerprint": ds.fingerprint(examples)})
+    atomic.write_json(run_dir / "run.json", {
+        "lora_version": __version__,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name, "base": base.to_dict(), "components": trained})
+    return run_dir, False
+
+
+def pick_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest complete checkpoint; newer broken ones are named in a warning and skipped."""
+    found = checkpoints(run_dir)
+    complete = [c for c in found if c.complete]
+    for c in found:
+        if not c.complete and (not complete or c.step > complete[-1].step):
+            warn(f"skipping checkpoint {c.path.name}: {c.problem}")
+    if found and not complete:
+        raise LoraError(f"{run_dir}: no complete checkpoint to resume from",
+                        "`lora train --profile NAME --restart` starts the run again")
+    return complete[-1] if complete else None

@@ -43,7 +43,7 @@ def setup(tiny_sd, tmp_path_factory):
     data = make_dataset(root / "data", n=5)
     (data / "img0.png").with_suffix(".txt").write_text("sks, red, square, blue, bg", "utf-8")
     path = _profile(root, tiny_sd, data, root / "reference")
-    run_dir, _ = training.start(profiles.load(str(path)))
+    run_dir, _ = runs.start(profiles.load(str(path)))
     result = training.run(run_dir)
     assert result.status == "finished" and result.step == STEPS
     return {"root": root, "data": data, "base": tiny_sd, "reference": run_dir}
@@ -107,7 +107,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(setup):
 def test_three_resumes_in_a_row_give_the_same_adapter(setup):
     root = setup["root"]
     out = root / "stopped"
-    run_dir, _ = training.start(profiles.load(str(_profile(root, setup["base"], setup["data"], out))))
+    run_dir, _ = runs.start(profiles.load(str(_profile(root, setup["base"], setup["data"], out))))
     seen = []
     for stop_at in (3, 5, 7, None):  # odd steps: off the save_steps grid, saved because stopped
         stop = training.StopFlag()
@@ -138,6 +138,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(setup):
     result = training.run(copy, on_warning=warnings.append)
     assert result.resumed_from == STEPS - 2 and result.status == "finished"
     assert any(f"step-{STEPS:06d}" in w and "sha256" in w for w in warnings), warnings
+    assert not any("changed since" in w for w in warnings)
     _assert_identical(copy, setup["reference"])
 
 

@@ -110,4 +110,4 @@ def test_changed_keys_lists_each_difference():
 
     a = profiles.load("default")
     b = profiles.load("default", ["train.learning_rate=0.001", "lora.rank=4"])
-    assert training.changed_keys(a, b) == ["lora.rank: 8 → 4", "train.learning_rate: 0.0002 → 0.001"]
+    assert runs.changed_keys(a, b) == ["lora.rank: 8 → 4", "train.learning_rate: 0.0002 → 0.001"]

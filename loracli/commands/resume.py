@@ -18,10 +18,10 @@ def resume(
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Continue a run from its newest complete checkpoint: same batches, same RNG, same result."""
-    from loracli import runs, training
+    from loracli import runs
     from loracli.commands.train import report, run_with_progress
 
     run_dir = runs.resolve(run)
-    n = processes or training.load_profile(run_dir).train.processes
+    n = processes or runs.load_profile(run_dir).train.processes
     output.note(f"resuming {run_dir}")
     report(run_with_progress(run_dir, n, extra_steps=steps, until_step=until_step), json, run)

@@ -83,8 +83,10 @@ def report(result, as_json: bool, run_arg: str) -> None:
 def train(
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile name or file.",
                                           autocompletion=profiles.complete_name),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A profile file (TOML/YAML)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: SECTION.KEY=VALUE."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="A profile file (TOML/YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set",
+                                             help="Override a key: SECTION.KEY=VALUE."),
     processes: Optional[int] = typer.Option(None, "--processes", min=1,
                                             help="Training processes (GPUs) via accelerate."),
     restart: bool = typer.Option(False, "--restart",
@@ -92,14 +94,14 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a LoRA; re-running it continues an interrupted run."""
-    from loracli import training
+    from loracli import runs, training
 
     overrides = list(set_ or []) + ([f"train.processes={processes}"] if processes else [])
     prof = profiles.load(str(config) if config else (profile or "default"), overrides)
     invocation = f"lora train --config {config}" if config else f"lora train --profile {prof.name}"
-    run_dir, resumed = training.start(prof, restart=restart, on_warning=output.warn,
+    run_dir, resumed = runs.start(prof, restart=restart, on_warning=output.warn,
                                       invocation=invocation)
     if resumed:
-        output.note(f"resuming the run in {run_dir}")
-    n = processes or training.load_profile(run_dir).train.processes
+        output.note(f"continuing the run in {run_dir} (same profile)")
+    n = processes or runs.load_profile(run_dir).train.processes
     report(run_with_progress(run_dir, n), json, str(run_dir))

@@ -1,0 +1,210 @@
+"""The base model with LoRA layers: loading, the denoising loss, sample images, evaluation.
+
+`Model` is what the training loop trains and what `evaluate` scores; the family interface
+(`loracli.families`) supplies everything model-specific, so nothing here branches on a family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loracli import atomic, checkpoints, families, profiles, runs
+from loracli import dataset as ds
+from loracli.errors import LoraError
+
+ADAPTER = "default"  # peft adapter name ("train" would shadow nn.Module.train)
+
+
+def seed_from(*parts: int) -> int:
+    import numpy as np
+
+    return int(np.random.default_rng(list(parts)).integers(2**62))
+
+
+def lora_config(rank, alpha, dropout, targets, rslora, dora):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                      use_rslora=rslora, use_dora=dora, init_lora_weights=True)
+
+
+class Model:
+    """The base model with LoRA layers, ready for the loss; shared by `run` and `evaluate`."""
+
+    def __init__(self, run_dir: Path, profile: profiles.Profile, device, weight_dtype):
+        import torch
+        from diffusers import DDPMScheduler
+        from peft import inject_adapter_in_model
+
+        info = runs.info(run_dir)
+        self.base = families.Base.from_dict(info["base"])
+        self.family = families.get(self.base.family)
+        self.prediction = self.base.prediction_type
+        parts = families.load_components(self.base, self.family, profile.model.vae)
+        self.unet, self.vae = parts["unet"], parts["vae"]
+        self.encoders = [parts[n] for n in self.family.text_encoders]
+        self.tokenizers = [parts[n] for n in self.family.tokenizers]
+        self.noise = DDPMScheduler.from_config(parts["scheduler"].config)
+        self.parts = parts  # the loaded components by name, for sample pipelines
+        self.scaling = self.vae.config.scaling_factor
+        self.shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.device, self.weight_dtype = device, weight_dtype
+        l = profile.lora
+        self.configs = {"unet": lora_config(l.rank, l.alpha, l.dropout, l.targets, l.rslora,
+                                             l.dora)}
+        if l.train_text_encoder:
+            for name in self.family.text_encoders:
+                self.configs[name] = lora_config(l.rank, l.alpha, l.dropout,
+                                                  l.text_encoder_targets, l.rslora, l.dora)
+        self.trained = {}
+        # LoRA A matrices start random: the same seed gives the same start
+        torch.manual_seed(seed_from(profile.train.seed, 3))
+        for module in (self.unet, self.vae, *self.encoders):
+            module.requires_grad_(False)
+            module.to(device)
+            if weight_dtype != torch.float32:
+                module.to(dtype=weight_dtype)
+        for name, config in self.configs.items():
+            module = self.unet if name == "unet" else parts[name]
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+            for p in module.parameters():
+                if p.requires_grad:  # LoRA weights train in fp32 whatever the base dtype
+                    p.data = p.data.to(torch.float32)
+            self.trained[name] = module
+        self.alphas = self.noise.alphas_cumprod.to(device)
+
+    def adapter_state(self, unwrap) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {name: (get_peft_model_state_dict(unwrap(m), adapter_name=ADAPTER),
+                       self.configs[name]) for name, m in self.trained.items()}
+
+    def load_adapters(self, adapters: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        for name, sd in adapters.items():
+            result = set_peft_model_state_dict(self.trained[name], sd, adapter_name=ADAPTER)
+            if getattr(result, "unexpected_keys", None):
+                raise LoraError(f"checkpoint {name} adapter does not fit this model "
+                                f"({len(result.unexpected_keys)} unknown keys)")
+
+    def encode_text(self, captions: list[str]) -> dict:
+        return self.family.encode(self.encoders, self.tokenizers, captions, self.device)
+
+    def encode_pixels(self, pixels):
+        import torch
+
+        with torch.no_grad():
+            latent = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
+        return latent.float()
+
+    def loss(self, unet, latents, text, sizes, noise, timesteps, min_snr_gamma: float):
+        """Per-sample denoising MSE (min-SNR weighted when asked), averaged."""
+        import torch.nn.functional as F
+
+        latents = (latents.to(self.device) - self.shift) * self.scaling
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        noisy = self.noise.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction == "epsilon" else \
+            self.noise.get_velocity(latents, noise, timesteps)
+        cond = self.family.conditioning(text, sizes)
+        pred = unet(noisy.to(self.weight_dtype), timesteps, **cond).sample
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if min_snr_gamma > 0:
+            a = self.alphas[timesteps]
+            snr = a / (1 - a)
+            clipped = snr.clamp(max=min_snr_gamma)
+            per = per * (clipped / snr if self.prediction == "epsilon" else clipped / (snr + 1))
+        return per.mean()
+
+
+def render_samples(model: Model, profile: profiles.Profile, run_dir: Path, step: int,
+                   unwrap=lambda m: m) -> list[Path]:
+    """Images for the profile's sample prompts with the LoRA as it is now: samples/step-N-i.png.
+
+    The pipeline is built from the components in memory (whatever the family's pipeline class
+    needs; optional parts left empty). Seeded generators only: the training RNG is untouched.
+    """
+    import inspect
+    import io
+
+    import diffusers
+    import torch
+
+    s, res = profile.sample, profile.data.resolution // 8 * 8
+    cls = getattr(diffusers, model.family.pipeline)
+    parts = {**model.parts, "unet": unwrap(model.unet)}
+    for name in model.trained:
+        parts[name] = unwrap(model.trained[name])
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {n: parts.get(n) for n, p in params.items()
+              if n != "self" and (n in parts or p.default is inspect.Parameter.empty)}
+    for flag in ("requires_safety_checker", "add_watermarker"):
+        if flag in params:
+            kwargs[flag] = False
+    pipe = cls(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    moved = [m for m in (model.vae, *(parts[n] for n in model.family.text_encoders))
+             if m.device != model.device]
+    for m in moved:
+        m.to(model.device)
+    trained = [unwrap(m) for m in model.trained.values()]
+    for m in trained:
+        m.eval()
+    paths = []
+    try:
+        with torch.no_grad():
+            for i, prompt in enumerate(s.prompts):
+                g = torch.Generator("cpu").manual_seed(s.seed + i)
+                image = pipe(prompt, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                             generator=g, height=res, width=res).images[0]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                path = Path(run_dir) / "samples" / f"step-{step:06d}-{i:02d}.png"
+                atomic.write_bytes(path, buf.getvalue())
+                paths.append(path)
+    finally:
+        for m in trained:
+            m.train()
+        for m in moved:
+            m.to("cpu")
+    return paths
+
+
+def evaluate(run_dir: Path, step: int | None = None, use_lora: bool = True, draws: int = 8,
+             seed: int = 1234) -> float:
+    """Mean denoising loss over the run's images with fixed noise and timesteps.
+
+    With `use_lora=False` the adapter stays at its initial value (lora_B = 0), which is the base
+    model exactly; comparing the two shows what training changed.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    profile = runs.load_profile(run_dir)
+    d = profile.data
+    data = ds.plan(ds.scan(d.dir, d.caption_ext, d.trigger), d.resolution, d.bucket_step,
+                   d.bucketing)
+    model = Model(run_dir, profile, torch.device("cpu"), torch.float32)
+    if use_lora:
+        model.load_adapters(checkpoints.load(runs.latest(run_dir, step).path)["adapters"])
+    for module in model.trained.values():
+        module.eval()
+    T = model.noise.config.num_train_timesteps
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, sample in enumerate(data.samples):
+            resized, top_left = ds.geometry(sample, "center")
+            latent = model.encode_pixels(ds.load_pixels(sample, resized, top_left, False)[None])
+            text = model.encode_text([sample.example.caption])
+            (bw, bh), (w, h) = sample.bucket, sample.size
+            sizes = {"original_size": torch.tensor([[h, w]], dtype=torch.float32),
+                     "crop_top_left": torch.tensor([top_left], dtype=torch.float32),
+                     "target_size": torch.tensor([[bh, bw]], dtype=torch.float32)}
+            for k in range(draws):
+                g = torch.Generator().manual_seed(seed_from(seed, i, k))
+                noise = torch.randn(latent.shape, generator=g)
+                timesteps = torch.randint(0, T, (1,), generator=g)
+                total += model.loss(model.unet, latent, text, sizes, noise, timesteps, 0.0).item()
+                count += 1
+    return total / count
