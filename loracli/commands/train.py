@@ -22,9 +22,9 @@ class RichProgress:
                                    TimeRemainingColumn)
 
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("ep {task.fields[epoch]}  loss {task.fields[loss]}  lr {task.fields[lr]}"
-                       "  {task.fields[speed]}  mem {task.fields[mem]}"),
+            BarColumn(bar_width=12), MofNCompleteColumn(),
+            TextColumn("ep {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} "
+                       "{task.fields[speed]} {task.fields[mem]}"),
             TimeRemainingColumn(), console=output.console(stderr=True), transient=False)
         self.task = None
 
@@ -38,7 +38,7 @@ class RichProgress:
     def __call__(self, m: dict) -> None:
         fields = {"epoch": f"{m['epoch']:.2f}", "loss": f"{m['loss_smooth']:.4f}",
                   "lr": f"{m['lr']:.1e}",
-                  "speed": f"{1 / m['seconds']:.2f} it/s {m['images_per_s']:.1f} img/s",
+                  "speed": f"{1 / m['seconds']:.2f}it/s {m['images_per_s']:.1f}img/s",
                   "mem": f"{m['memory_mib']:.0f} MiB"}
         if self.task is None:
             self.task = self.progress.add_task("train", total=m["max_steps"],
