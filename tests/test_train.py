@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loracli import denoiser, profiles, runs, training
+from loracli import denoiser, families, profiles, runs, training
 from loracli.errors import LoraError
 from train_fixtures import (NetworkGuard, adapter_tensors, env, lora_cmd, make_dataset,
                                   write_profile)
@@ -202,3 +202,43 @@ def test_rerun_resumes_refuses_a_changed_profile_and_restart_keeps_the_old_run(c
     assert runs.load_profile(tmp_path / "out").train.learning_rate == 0.002
     with pytest.raises(LoraError, match="no such model"):
         runs.start(profiles.load(str(path), ["model.base='./missing'", "train.output_dir='x'"]))
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_sd, tmp_path, monkeypatch):
+    import torch
+
+    from loracli import denoiser
+
+    data = make_dataset(tmp_path / "data", n=2)
+    path = write_profile(tmp_path / "nan.toml", tiny_sd, data, tmp_path / "out",
+                         train={"max_steps": 6, "save_steps": 2})
+    real, calls = denoiser.Model.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        value = real(self, *args, **kwargs)
+        return value * torch.tensor(float("nan")) if len(calls) == 3 else value
+
+    monkeypatch.setattr(denoiser.Model, "loss", loss)
+    run_dir, _ = runs.start(profiles.load(str(path)))
+    with pytest.raises(LoraError, match=r"loss became nan at step 3") as e:
+        training.run(run_dir)
+    assert "step-000002" in e.value.message and "learning_rate" in e.value.hint
+    assert runs.latest(run_dir).step == 2
+
+
+def test_single_file_checkpoint_needs_its_configs_in_the_cache(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    ckpt = tmp_path / "v1-5-pruned.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((1,), np.float32)},
+              str(ckpt))
+    with pytest.raises(LoraError, match="single-file checkpoint") as e:
+        families.resolve_base(str(ckpt))
+    assert e.value.hint == "lora fetch sd15"
+    xl = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.1.model.x": np.zeros((1,), np.float32)}, str(xl))
+    with pytest.raises(LoraError) as e:
+        families.resolve_base(str(xl))
+    assert e.value.hint == "lora fetch sdxl"
