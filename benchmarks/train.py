@@ -7,7 +7,7 @@
 The SD1.5-shaped model has random weights (UNet 860M parameters, CLIP-L text encoder, the SD VAE),
 built once into a temporary folder. Each configuration runs in its own process, so the peak
 memory (CUDA allocator peak on a GPU, peak RSS on the CPU) is that configuration's alone.
-Steps/s leaves out the first step (warm-up). Prints a table and one JSON line per configuration.
+Steps/s is from the median step time, leaving out the first step (warm-up). Prints a table and one JSON line per configuration.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,10 +87,9 @@ def one(base: str, data: str, out: str, steps: int, batch: int, resolution: int,
     rows = []
     result = training.run(run_dir, on_step=rows.append)
     total = time.perf_counter() - t0
-    timed = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]
+    step_s = statistics.median([r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]])
     return {"steps": result.step, "batch": batch, "resolution": resolution, "cache": cache,
-            "steps_per_s": round(len(timed) / sum(timed), 3),
-            "images_per_s": round(batch * len(timed) / sum(timed), 3),
+            "steps_per_s": round(1 / step_s, 3), "images_per_s": round(batch / step_s, 3),
             "peak_memory_mib": rows[-1]["memory_mib"], "wall_s": round(total, 1),
             "device": "cuda" if _cuda() else "cpu"}
 
