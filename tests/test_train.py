@@ -4,6 +4,7 @@ multi-process equivalence, and the re-run rules (resume / refuse a changed profi
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -242,3 +243,31 @@ def test_single_file_checkpoint_needs_its_configs_in_the_cache(tmp_path):
     with pytest.raises(LoraError) as e:
         families.resolve_base(str(xl))
     assert e.value.hint == "lora fetch sdxl"
+
+
+def test_single_file_checkpoint_trains_like_its_diffusers_folder(tiny_sd, tmp_path, isolated):
+    """A WebUI-style .safetensors base, its configs from the cache (as `lora fetch sd15` leaves
+    them), offline: the first step's loss equals the diffusers folder's to the bit."""
+    from train_fixtures import to_single_file
+
+    repo = isolated["cache"] / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    commit = "0" * 40
+    shutil.copytree(tiny_sd, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    single = to_single_file(tiny_sd, tmp_path / "v1-5-pruned.safetensors")
+    data = make_dataset(tmp_path / "data", n=2)
+    losses = {}
+    for name, base in (("file", single), ("folder", tiny_sd)):
+        path = write_profile(tmp_path / f"{name}.toml", base, data, tmp_path / name,
+                             train={"max_steps": 1, "save_steps": 1})
+        run_dir, _ = runs.start(profiles.load(str(path)))
+        steps = []
+        with NetworkGuard().active() as guard:
+            training.run(run_dir, on_step=steps.append)
+        assert guard.attempts == []
+        losses[name] = steps[0]["loss"]
+    info = runs.info(tmp_path / "file")["base"]
+    assert info["path"] == str(single) and info["family"] == "sd1"
+    assert info["config_dir"] == str(repo / "snapshots" / commit)
+    assert losses["file"] == losses["folder"]
