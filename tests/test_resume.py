@@ -162,3 +162,22 @@ def test_no_complete_checkpoint_is_a_clear_error(setup):
     with pytest.raises(LoraError, match="no complete checkpoint") as e:
         training.run(copy)
     assert "--restart" in e.value.hint
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(setup):
+    root = setup["root"]
+    out = root / "ctrl-c"
+    sections = {k: dict(v) for k, v in RANDOM.items()}
+    sections["train"]["save_steps"] = 100  # no scheduled checkpoint before the end
+    path = write_profile(root / "ctrl-c.toml", setup["base"], setup["data"], out, **sections)
+    proc = subprocess.Popen(lora_cmd("train", "--config", path), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: 2 in metrics_steps(out), 180, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopping after this step" in stderr and "lora resume" in stderr
+    stopped = runs.latest(out).step
+    assert metrics_steps(out)[-1] == stopped and 2 <= stopped < STEPS
+    assert training.run(out).status == "finished"
+    _assert_identical(out, setup["reference"])  # checkpoints at other steps change nothing
