@@ -253,6 +253,20 @@ def _trim_metrics(path: Path, step: int) -> None:
     atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
+def _checkpoint(run_dir: Path, step: int, model: Model, optimizer, lr_scheduler, facts: dict,
+                keep: int, unwrap) -> Path:
+    """Save everything resume needs at `step`, then redraw loss.png from the metrics so far."""
+    from loracli import plot
+
+    path = checkpoints.save(
+        run_dir, step, model.adapter_state(unwrap),
+        {"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
+         "rng": rng_states()},
+        {**facts, "lora_version": __version__}, keep)
+    plot.write(run_dir / "logs" / "metrics.jsonl", run_dir / "loss.png")
+    return path
+
+
 def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
         on_warning: Callable[[str], None] | None = None, stop: StopFlag | None = None,
         extra_steps: int = 0, until_step: int = 0) -> Result:
@@ -321,12 +335,9 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
 
     if saved:
         model.load_adapters(saved["adapters"])
-    groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad],
-               "lr": t.learning_rate}]
-    for name, module in model.trained.items():
-        if name != "unet":
-            groups.append({"params": [p for p in module.parameters() if p.requires_grad],
-                           "lr": t.text_encoder_lr or t.learning_rate})
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad],
+               "lr": t.learning_rate if name == "unet" else (t.text_encoder_lr or t.learning_rate)}
+              for name, module in model.trained.items()]
     optimizer = _optimizer(t, groups, cuda)
     lr_scheduler = _scheduler(t, optimizer, max_steps)
     if saved:
@@ -404,22 +415,16 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
             save = done % t.save_steps == 0 or done == max_steps or halt
             if save:
                 if main:
-                    path = checkpoints.save(
-                        run_dir, done, model.adapter_state(accelerator.unwrap_model),
-                        {"optimizer": optimizer.state_dict(), "rng": rng_states(),
-                         "scheduler": lr_scheduler.state_dict()},
-                        {"epoch": int(done * accum // batches.per_epoch), "max_steps": max_steps,
-                         "micro_batches": done * accum, "seed": t.seed, "loss": loss_value,
-                         "processes": accelerator.num_processes,
-                         "global_batch": batches.global_batch,
-                         "batches_per_epoch": batches.per_epoch, "lora_version": __version__},
-                        t.keep_checkpoints)
-                    metrics["checkpoint"] = str(path)
-                    result.checkpoint = path
-                    log.flush()
-                    from loracli import plot
-
-                    plot.write(metrics_path, run_dir / "loss.png")
+                    facts = {"epoch": int(done * accum // batches.per_epoch),
+                             "max_steps": max_steps, "micro_batches": done * accum,
+                             "seed": t.seed, "loss": loss_value,
+                             "processes": accelerator.num_processes,
+                             "global_batch": batches.global_batch,
+                             "batches_per_epoch": batches.per_epoch}
+                    result.checkpoint = _checkpoint(run_dir, done, model, optimizer, lr_scheduler,
+                                                    facts, t.keep_checkpoints,
+                                                    accelerator.unwrap_model)
+                    metrics["checkpoint"] = str(result.checkpoint)
                 accelerator.wait_for_everyone()
             sample = profile.sample
             if sample.every_steps and sample.prompts and \
