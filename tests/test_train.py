@@ -271,3 +271,20 @@ def test_single_file_checkpoint_trains_like_its_diffusers_folder(tiny_sd, tmp_pa
     assert info["path"] == str(single) and info["family"] == "sd1"
     assert info["config_dir"] == str(repo / "snapshots" / commit)
     assert losses["file"] == losses["folder"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_cuda(tiny_sdxl, tmp_path, precision):
+    data = make_dataset(tmp_path / "data", n=4)
+    path = write_profile(tmp_path / "gpu.toml", tiny_sdxl, data, tmp_path / "out",
+                         lora={"train_text_encoder": True},
+                         train={"max_steps": 4, "save_steps": 2, "mixed_precision": precision,
+                                "gradient_checkpointing": True})
+    run_dir, _ = runs.start(profiles.load(str(path)))
+    steps = []
+    assert training.run(run_dir, on_step=steps.append).status == "finished"
+    assert all(m["memory_mib"] > 0 and m["loss"] == m["loss"] for m in steps)
+    import torch
+
+    assert all(v.dtype == torch.float32 for v in adapter_tensors(runs.latest(run_dir).path).values())
