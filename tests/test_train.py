@@ -142,13 +142,17 @@ def _assert_sample(path):
 
 
 def test_sd2_is_detected_as_v_prediction(tiny_sd2, tmp_path):
+    """Also: epochs instead of steps, a VAE override, samples at checkpoints."""
     data = make_dataset(tmp_path / "data", n=2)
     path = write_profile(tmp_path / "v.toml", tiny_sd2, data, tmp_path / "out",
-                         train={"max_steps": 1, "save_steps": 1, "min_snr_gamma": 5.0},
+                         model={"vae": str(tiny_sd2)},
+                         train={"max_steps": 0, "epochs": 1, "save_steps": 1,
+                                "min_snr_gamma": 5.0},
                          sample={"prompts": ["a", "b"], "every_steps": 1, "steps": 2})
     run_dir, _ = runs.start(profiles.load(str(path)))
     steps = []
-    assert training.run(run_dir, on_step=steps.append).status == "finished"
+    result = training.run(run_dir, on_step=steps.append)
+    assert result.status == "finished" and result.max_steps == 1  # 2 images, batch 2
     assert [Path(p).name for p in steps[0]["samples"]] == ["step-000001-00.png", "step-000001-01.png"]
     _assert_sample(run_dir / "samples" / "step-000001-01.png")
     base = runs.info(run_dir)["base"]
