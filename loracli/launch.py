@@ -96,7 +96,7 @@ def _worker(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     main = os.environ.get("RANK", "0") == "0"
     stop = training.StopFlag()
-    stop.install(output.note if main else None)
+    stop.install(output.note if main else None, abort_on_second=False)
     try:
         result = training.run(args.run_dir, on_step=plain_progress() if main else None,
                               on_warning=output.warn, stop=stop, extra_steps=args.extra_steps,

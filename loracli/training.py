@@ -51,11 +51,18 @@ class StopFlag:
     def __init__(self):
         self.requested = False
 
-    def install(self, notify: Callable[[str], None] | None = None) -> dict:
-        """Handle SIGINT/SIGTERM (main thread only); returns the handlers it replaced."""
+    def install(self, notify: Callable[[str], None] | None = None,
+                abort_on_second: bool = True) -> dict:
+        """Handle SIGINT/SIGTERM (main thread only); returns the handlers it replaced.
+
+        Workers under `accelerate launch` pass abort_on_second=False: the launcher relays the
+        user's Ctrl+C as a second signal, and must not cut the save short.
+        """
         def handler(signum, frame):
             if self.requested:
-                raise KeyboardInterrupt
+                if abort_on_second:
+                    raise KeyboardInterrupt
+                return
             self.requested = True
             if notify:
                 notify("stopping after this step and saving a checkpoint "
