@@ -49,13 +49,13 @@ class Model:
         self.scaling = self.vae.config.scaling_factor
         self.shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.device, self.weight_dtype = device, weight_dtype
-        l = profile.lora
-        self.configs = {"unet": lora_config(l.rank, l.alpha, l.dropout, l.targets, l.rslora,
-                                             l.dora)}
-        if l.train_text_encoder:
+        lo = profile.lora
+        self.configs = {"unet": lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets,
+                                            lo.rslora, lo.dora)}
+        if lo.train_text_encoder:
             for name in self.family.text_encoders:
-                self.configs[name] = lora_config(l.rank, l.alpha, l.dropout,
-                                                  l.text_encoder_targets, l.rslora, l.dora)
+                self.configs[name] = lora_config(lo.rank, lo.alpha, lo.dropout,
+                                                 lo.text_encoder_targets, lo.rslora, lo.dora)
         self.trained = {}
         # LoRA A matrices start random: the same seed gives the same start
         torch.manual_seed(seed_from(profile.train.seed, 3))
