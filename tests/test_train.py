@@ -292,3 +292,16 @@ def test_mixed_precision_on_cuda(tiny_sdxl, tmp_path, precision):
     import torch
 
     assert all(v.dtype == torch.float32 for v in adapter_tensors(runs.latest(run_dir).path).values())
+
+
+def test_dora_and_rslora_train_and_record_their_config(tiny_sd, tmp_path):
+    data = make_dataset(tmp_path / "data", n=2)
+    path = write_profile(tmp_path / "dora.toml", tiny_sd, data, tmp_path / "out",
+                         lora={"dora": True, "rslora": True, "rank": 4, "alpha": 8},
+                         train={"max_steps": 2, "save_steps": 2})
+    run_dir, _ = runs.start(profiles.load(str(path)))
+    assert training.run(run_dir).status == "finished"
+    ckpt = runs.latest(run_dir).path
+    config = json.loads((ckpt / "unet" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    assert any("lora_magnitude_vector" in k for k in adapter_tensors(ckpt))
