@@ -220,6 +220,9 @@ def pick_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Checkpoint | 
         if not c.complete and (not complete or c.step > complete[-1].step):
             warn(f"skipping checkpoint {c.path.name}: {c.problem}")
     if found and not complete:
+        name = info(run_dir).get("profile", "NAME") if (Path(run_dir) / "run.json").is_file() \
+            else "NAME"
         raise LoraError(f"{run_dir}: no complete checkpoint to resume from",
-                        "`lora train --profile NAME --restart` starts the run again")
+                        f"`lora train --profile {name} --restart` (or your --config file with "
+                        "--restart) starts the run again; the broken one is kept")
     return complete[-1] if complete else None
