@@ -7,7 +7,8 @@
 The SD1.5-shaped model has random weights (UNet 860M parameters, CLIP-L text encoder, the SD VAE),
 built once into a temporary folder. Each configuration runs in its own process, so the peak
 memory (CUDA allocator peak on a GPU, peak RSS on the CPU) is that configuration's alone.
-Steps/s is from the median step time, leaving out the first step (warm-up). Prints a table and one JSON line per configuration.
+Steps/s is from the median step time, leaving out the first step (warm-up). Prints a table and
+one JSON line per configuration.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 its newest complete checkpoint to the end; `evaluate(run_dir)` scores it (`loracli.denoiser`).
 
 Resume is exact because nothing in a step depends on hidden state: the batch order is a pure
-function of (seed, epoch), every per-image random choice (caption shuffle/dropout, crop, flip, noise, timestep) comes from a generator seeded by
-(seed, micro-batch, position in the global batch), and LoRA dropout draws from the torch RNG
-reseeded per micro-batch. A checkpoint then only has to carry the adapter, the optimizer, the
+function of (seed, epoch); every per-image random choice (caption shuffle and dropout, crop,
+flip, noise, timestep) comes from a generator seeded by (seed, micro-batch, position in the
+global batch); and LoRA dropout draws from the torch RNG reseeded per micro-batch. A checkpoint then only has to carry the adapter, the optimizer, the
 scheduler and the step — plus the RNG states, restored for anything else that might draw.
 The loop never prints: it reports through `on_step(metrics)` and `on_warning(message)`.
 """
