@@ -186,14 +186,19 @@ def start(profile, restart: bool = False,
             run_dir.rename(aside)
             warn(f"kept the previous run as {aside}; starting a new one in {run_dir}")
         else:
-            changed = changed_keys(load_profile(run_dir), profile)
+            frozen = load_profile(run_dir)
+            changed = changed_keys(frozen, profile)
             if changed:
+                restart = f"`{invocation or 'lora train --profile ' + profile.name} --restart`"
+                hint = (f"`lora resume {run_dir}` continues with the run's own settings; "
+                        f"{restart} starts a new run (the old one is kept)")
+                only_longer = [c.split(":")[0] for c in changed] == ["train.max_steps"]
+                if only_longer and profile.train.max_steps:
+                    hint = (f"to train longer, `lora resume {run_dir} --until-step "
+                            f"{profile.train.max_steps}`; {restart} starts a new run")
                 raise LoraError(
                     f"profile {profile.name!r} changed since the run in {run_dir} started",
-                    f"`lora resume {run_dir}` continues with the run's own settings; "
-                    f"`{invocation or 'lora train --profile ' + profile.name} --restart` "
-                    "starts a new run "
-                    "(the old one is kept)", details=changed)
+                    hint, details=changed)
             return run_dir, True
     base = families.resolve_base(profile.model.base, profile.model.family,
                                  profile.model.prediction_type)

@@ -200,6 +200,9 @@ def test_rerun_resumes_refuses_a_changed_profile_and_restart_keeps_the_old_run(c
     assert "train.learning_rate: 0.001 → 0.002" in changed.stderr
     assert f"lora train --config {path} --restart" in changed.stderr and "lora resume" in changed.stderr
 
+    longer = cli("train", "--config", path, "--set", "train.max_steps=5")
+    assert longer.exit_code == 1 and "--until-step 5" in longer.stderr
+
     restarted = cli("train", "--config", path, "--set", "train.learning_rate=0.002", "--restart")
     assert restarted.exit_code == 0, restarted.stderr
     old = [p for p in tmp_path.iterdir() if p.name.startswith("out.")]
