@@ -8,7 +8,6 @@ commands make; the demo adds nothing the user's own runs would not do.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +121,8 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     exported = export.export(run_dir, format="kohya", name="demo", force=True)
     lora_file = Path(exported.path)
     stage(f"export: {lora_file}")
-    base_loss = training.evaluate(run_dir, use_lora=False)
-    lora_loss = training.evaluate(run_dir, use_lora=True)
+    base_loss = training.evaluate(run_dir, use_lora=False, draws=4)
+    lora_loss = training.evaluate(run_dir, use_lora=True, draws=4)
     grid = folder / "before_after.png"
     before_after_grid(base, lora_file, data, profile.sample.prompts[0], grid)
     seconds["export+grid"] = round(time.perf_counter() - t, 1)
@@ -146,6 +145,9 @@ def before_after_grid(base: Path, lora_file: Path, data: Path, prompt: str, out:
     from diffusers import StableDiffusionPipeline
     from PIL import Image, ImageDraw
 
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected here
     pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
@@ -189,11 +191,3 @@ def before_after_grid(base: Path, lora_file: Path, data: Path, prompt: str, out:
     buffer.replace(out)
     return out
 
-
-def mean_colour_distance(a, b) -> float:
-    """Mean per-pixel RGB distance between two same-sized PIL images (0-441)."""
-    import numpy as np
-
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    return float(math.sqrt(((x - y) ** 2).sum(-1).mean()))

@@ -12,8 +12,9 @@ import typer
 from loracli import output
 
 NEXT_STEPS = """\
-This was a tiny random model, so the pictures are noise patterns; what changed between the rows
-is the LoRA at work. For real work:
+The base was a tiny random model (its VAE a fixed 8x8 block average): it cannot draw, so its
+samples are coloured noise, and the LoRA's learning shows in the loss curve and the denoising
+loss above more than in the grid. Every step was the real one, though. For real work:
   lora fetch sd15 --mirror hf-mirror           # SD 1.5 through a mirror, resumable and verified
   lora caption data/my_style --prefix "sks style"
   lora profile new my-style --from style       # then `lora profile edit my-style`
@@ -24,14 +25,12 @@ is the LoRA at work. For real work:
 def demo(
     out: Path = typer.Option(Path("lora-demo"), "--output", "-o",
                              help="Folder for the demo's data, run and pictures."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default 120)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the demo profile's 300)."),
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Fetch, caption, train, export and compare, offline, in about two minutes."""
-    from loracli import demo as demo_lib, training
+    """The whole job on a tiny offline model: fetch, data, train, export, before/after grid."""
+    from loracli import demo as demo_lib, launch, training
     from loracli.commands.train import RichProgress
-
-    from loracli import launch
 
     live = output.is_terminal(sys.stderr) and not json
     reporter = RichProgress() if live else None
