@@ -33,6 +33,10 @@ class LoraGroup(TyperGroup):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # `lora … | head`: the reader left; stop quietly, as Unix tools do on SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if type(e).__module__.startswith(("typer", "click")):
                 raise  # usage errors and exits: Typer prints them (exit 2 for usage)

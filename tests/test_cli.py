@@ -114,3 +114,11 @@ def test_no_color_and_no_ansi_when_piped():
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "\x1b[" not in out.stdout + out.stderr
     assert out.stdout.splitlines()[0].split("\t")[0] == "name"
+
+
+def test_a_closed_pipe_is_not_an_error():
+    proc = subprocess.Popen([sys.executable, "-m", "loracli", "profile", "show", "default"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before lora writes anything (as with `| head -0`)
+    _, err = proc.communicate(timeout=60)
+    assert b"internal error" not in err and b"Traceback" not in err
