@@ -235,6 +235,29 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_sd, tmp_path, mo
     assert runs.latest(run_dir).step == 2
 
 
+def test_out_of_memory_names_the_settings_that_reduce_memory(tiny_sd, tmp_path, monkeypatch):
+    from loracli import denoiser
+
+    data = make_dataset(tmp_path / "data", n=2)
+    path = write_profile(tmp_path / "oom.toml", tiny_sd, data, tmp_path / "out",
+                         train={"max_steps": 6, "save_steps": 2})
+    real, calls = denoiser.Model.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # what torch raises when the GPU is full
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(denoiser.Model, "loss", loss)
+    run_dir, _ = runs.start(profiles.load(str(path)))
+    with pytest.raises(LoraError, match=r"out of GPU memory at step 3") as e:
+        training.run(run_dir)
+    for setting in ("train.batch_size", "train.gradient_checkpointing", "lora resume"):
+        assert setting in e.value.hint
+    assert runs.latest(run_dir).step == 2  # the work before it is kept for the resume
+
+
 def test_single_file_checkpoint_needs_its_configs_in_the_cache(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
