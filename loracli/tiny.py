@@ -188,7 +188,15 @@ def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0) -> Path:
             scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
-    pipe.save_pretrained(dest, safe_serialization=True)
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Writing model shards" is noise in `lora demo`
+    try:
+        pipe.save_pretrained(dest, safe_serialization=True)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
