@@ -255,7 +255,7 @@ def cache_key(identity: str, texts: list[str]) -> str:
 
 
 def category_embeddings(clip: ClipModel, category) -> tuple[Any, Any, bool]:
-    """(label embeddings, neutral embedding, came from the cache) for a `captions.Category`."""
+    """(label embeddings, neutral embedding, came from the cache) for a `banks.Category`."""
     import numpy as np
 
     from loracli import atomic, captions

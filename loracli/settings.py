@@ -32,7 +32,7 @@ def load() -> dict:
         return tomllib.loads(decode(path.read_bytes(), str(path)))
     except tomllib.TOMLDecodeError as e:
         raise LoraError(f"{path}: invalid TOML: {e}",
-                        f"fix that line, or move the file away to start from defaults") from None
+                        "fix that line, or move the file away to start from defaults") from None
 
 
 def save(data: dict) -> None:

@@ -3,7 +3,6 @@ tiny models are built once per session, offline and deterministically (loracli.t
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

@@ -10,8 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from loracli import captions
-from loracli.captions import Category, Entry
+from loracli import banks, captions
+from loracli.banks import Category
+from loracli.captions import Entry
 from loracli.errors import LoraError
 
 
@@ -84,7 +85,7 @@ def test_template_average_is_unit_length_and_per_label():
 
 
 def test_rank_bank_keeps_bank_order():
-    bank = captions.Bank((Category("medium", ("photo", "painting")),
+    bank = banks.Bank((Category("medium", ("photo", "painting")),
                           Category("colour", ("red", "blue"), mode="multi", top_k=1)))
     emb = {"medium": (unit([1, 0], [0, 1]), unit([1, 1])[0]),
            "colour": (unit([0, 1], [1, 0]), unit([1, 1])[0])}
@@ -110,7 +111,7 @@ def test_assemble_stays_within_the_token_limit():
 
 def test_assemble_with_real_clip_tokens_never_passes_75():
     count = captions.clip_token_counter()
-    bank = captions.load_bank()
+    bank = banks.load_bank()
     tags = [label for cat in bank.categories for label in cat.labels]
     text = captions.assemble("sks style", tags, count)
     assert 60 <= count(text) <= captions.MAX_TOKENS
@@ -137,7 +138,7 @@ def test_tag_frequency_counts_images_per_tag():
 # --- label banks -----------------------------------------------------------------------------
 
 def test_builtin_bank_has_a_few_hundred_labels_in_both_modes():
-    bank = captions.load_bank()
+    bank = banks.load_bank()
     assert 250 <= bank.num_labels <= 1000
     names = [c.name for c in bank.categories]
     for wanted in ("medium", "subject", "style", "lighting", "colour", "composition"):
@@ -155,7 +156,7 @@ def test_bank_errors_are_reported_together(tmp_path):
                    '[[category]]\nname = "x"\nlabels = ["a", "a"]\ntop_k = 0\n'
                    'templates = ["no placeholder"]\nthreshold = 2\n', "utf-8")
     with pytest.raises(LoraError) as e:
-        captions.load_bank([str(bad)])
+        banks.load_bank([str(bad)])
     details = "\n".join(e.value.details)
     assert "templats: unknown key; did you mean templates?" in details
     assert "mode: 'several' is not one of single, multi" in details
@@ -168,13 +169,13 @@ def test_bank_errors_are_reported_together(tmp_path):
 def test_banks_combine_and_refuse_duplicate_categories(tmp_path):
     mine = tmp_path / "mine.toml"
     mine.write_text('[[category]]\nname = "shape"\nlabels = ["square", "circle"]\n', "utf-8")
-    bank = captions.load_bank(["default", str(mine)])
+    bank = banks.load_bank(["default", str(mine)])
     assert bank.categories[-1].name == "shape"
-    assert bank.categories[-1].templates == captions.DEFAULT_TEMPLATES
+    assert bank.categories[-1].templates == banks.DEFAULT_TEMPLATES
     with pytest.raises(LoraError, match="defined in both"):
-        captions.load_bank([str(mine), str(mine)])
+        banks.load_bank([str(mine), str(mine)])
     with pytest.raises(LoraError, match="no such file or built-in") as e:
-        captions.load_bank(["nope.toml"])
+        banks.load_bank(["nope.toml"])
     assert "default" in e.value.hint
 
 

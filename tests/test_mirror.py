@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 from filelock import FileLock
 
 from hub_fixtures import lora_proc, make_repo, online, repo  # noqa: F401 (fixtures)
-from hubserver import Fault, serve, serve_dir
+from hubserver import serve, serve_dir
 from loracli import hub, mirrors, models, paths, settings, sync
 
 

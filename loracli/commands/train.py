@@ -94,7 +94,7 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a LoRA; re-running it continues an interrupted run."""
-    from loracli import runs, training
+    from loracli import runs
 
     overrides = list(set_ or []) + ([f"train.processes={processes}"] if processes else [])
     prof = profiles.load(str(config) if config else (profile or "default"), overrides)
