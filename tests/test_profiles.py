@@ -200,3 +200,11 @@ def test_user_profile_shadows_a_preset(cli, isolated):
     (isolated["home"] / "profiles").mkdir(parents=True)
     (isolated["home"] / "profiles" / "anime.toml").write_text("[lora]\nrank = 4\n")
     assert profiles.load("anime").lora.rank == 4
+
+
+def test_readme_documents_every_profile_key_with_its_default():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    for row in profiles.key_docs():
+        assert f"| `{row['key']}` |" in readme, f"README's key table lacks {row['key']}"
