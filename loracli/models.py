@@ -252,7 +252,7 @@ def install_tiny(name: str = "tiny-sd") -> Path:
             return repo_dir / "snapshots" / commit
         build = repo_dir / f".build-{os.getpid()}"
         shutil.rmtree(build, ignore_errors=True)
-        tiny.build_tiny_sd(build, TINY[name])
+        tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
         files = sorted(p for p in build.rglob("*") if p.is_file())
         digests = {}
         for p in files:

@@ -2,7 +2,9 @@
 
 They have the real architectures (so every loader, converter and trainer path runs for real) at
 sizes that train in seconds on a CPU. They back `lora fetch tiny-sd`, `lora demo` and the tests;
-no weights are ever downloaded.
+no weights are ever downloaded. The one exception to "random": `tiny-sd`'s UNet ships 1.6 MB of
+weights (`weights/tiny-sd-unet.safetensors`, made by `pretrain_unet`, `python -m loracli.tiny`),
+so that the demo's base can draw and a LoRA on it visibly learns.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+UNET_WEIGHTS = "weights/tiny-sd-unet.safetensors"  # packaged: the pretrained tiny SD1 UNet
 TEXT_HIDDEN = 32
 OPEN_CLIP_TINY = {
     "embed_dim": 32,
@@ -134,11 +137,14 @@ def _vae():
     return vae
 
 
-def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0) -> Path:
+def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0,
+                  pretrained_unet: bool = False) -> Path:
     """Write a tiny diffusers pipeline folder of `family` (sd1, sd2 with v-prediction, sdxl).
 
     The VAE downsamples 8x like the real ones, so a 64 px image gives the UNet's 8x8 latents;
-    it is a fixed block-average encoder/decoder (`_vae`), the UNet and text encoders are random.
+    it is a fixed block-average encoder/decoder (`_vae`), the text encoders are random. The UNet
+    is random too, unless `pretrained_unet` (sd1 only): then it carries the packaged weights of
+    `pretrain_unet`, and the pipeline draws coloured shapes instead of noise.
     """
     import torch
     from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
@@ -188,6 +194,13 @@ def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0) -> Path:
             scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
+    if pretrained_unet:
+        if family != "sd1":
+            raise ValueError("only the sd1 tiny model has pretrained UNet weights")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(Path(__file__).parent / UNET_WEIGHTS))
+        pipe.unet.load_state_dict({k: v.float() for k, v in weights.items()})
     from transformers.utils import logging as transformers_logging
 
     bars = transformers_logging.is_progress_bar_enabled()
@@ -221,3 +234,89 @@ def build_tiny_open_clip(dest: Path, seed: int = 0) -> Path:
     (dest / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": OPEN_CLIP_TINY, "preprocess_cfg": preprocess}, indent=2), "utf-8")
     return dest
+
+
+# ---------------------------------------------------------------- the packaged UNet weights
+
+SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
+                 "yellow": (230, 210, 40), "purple": (140, 50, 180), "orange": (240, 140, 30),
+                 "white": (240, 240, 240), "black": (20, 20, 20)}
+SHAPES = ("square", "triangle")  # no discs: `lora demo` teaches those
+
+
+def shapes_dataset(count: int, seed: int = 0) -> list:
+    """(64 px image, caption) pairs: a square or triangle of one colour on another."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        bg = rng.choice(list(SHAPE_COLOURS))
+        fg = rng.choice([c for c in SHAPE_COLOURS if c != bg])
+        shape = rng.choice(SHAPES)
+        im = Image.new("RGB", (64, 64), SHAPE_COLOURS[bg])
+        r = rng.randint(10, 22)
+        cx, cy = rng.randint(r, 64 - r), rng.randint(r, 64 - r)
+        if shape == "square":
+            ImageDraw.Draw(im).rectangle((cx - r, cy - r, cx + r, cy + r), fill=SHAPE_COLOURS[fg])
+        else:
+            ImageDraw.Draw(im).polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)],
+                                       fill=SHAPE_COLOURS[fg])
+        out.append((im, f"a {fg} {shape} on a {bg} background"))
+    return out
+
+
+def pretrain_unet(pipeline: Path, steps: int = 1500, seed: int = 0,
+                  on_step=None) -> dict:
+    """Train the tiny SD1 UNet (all of it) on `shapes_dataset`, so it can draw; fp16 weights.
+
+    This is how `loracli/weights/tiny-sd-unet.safetensors` was made (`python -m loracli.tiny`):
+    ~2 minutes on two CPU cores; a LoRA on a random UNet cannot learn to draw in a demo's minute,
+    but one on this base visibly learns a new concept.
+    """
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    noise = DDPMScheduler.from_config(pipe.scheduler.config)
+    images, captions = zip(*shapes_dataset(1024, seed))
+    with torch.no_grad():
+        pixels = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 127.5 - 1)
+                              .permute(2, 0, 1) for i in images])
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(list(captions), padding="max_length", max_length=77,
+                             truncation=True, return_tensors="pt").input_ids
+        text = torch.cat([pipe.text_encoder(ids[i:i + 128])[0] for i in range(0, len(ids), 128)])
+    unet = pipe.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (32,), generator=g)
+        eps = torch.randn(latents[idx].shape, generator=g)
+        t = torch.randint(0, noise.config.num_train_timesteps, (32,), generator=g)
+        pred = unet(noise.add_noise(latents[idx], eps, t), t, encoder_hidden_states=text[idx]).sample
+        loss = torch.nn.functional.mse_loss(pred, eps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if on_step:
+            on_step(step, loss.item())
+    return {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build_tiny_sd(Path(tmp) / "sd1", "sd1")
+        state = pretrain_unet(base, on_step=lambda s, l: s % 100 or print(f"step {s} loss {l:.4f}"))
+    target = Path(__file__).parent / UNET_WEIGHTS
+    target.parent.mkdir(exist_ok=True)
+    save_file(state, str(target))
+    print(f"wrote {target}")

@@ -55,3 +55,31 @@ def test_tiny_open_clip_loads_as_local_dir(tiny_open_clip):
     with torch.no_grad():
         text = model.encode_text(tokenizer(["a red square"]), normalize=True)
     assert text.shape == (1, tiny.OPEN_CLIP_TINY["embed_dim"])
+
+
+@pytest.mark.slow
+def test_tiny_sd_in_the_cache_carries_the_packaged_unet_and_draws_shapes(tiny_sd):
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from loracli import models
+
+    snapshot = models.install_tiny()
+    packaged = load_file(str(Path(tiny.__file__).parent / tiny.UNET_WEIGHTS))
+    unet = UNet2DConditionModel.from_pretrained(snapshot / "unet")
+    assert all(torch.equal(v, packaged[k].float()) for k, v in unet.state_dict().items())
+
+    def roughness(folder) -> float:
+        """Mean jump between neighbouring 8x8 blocks: noise is rough, shapes are not."""
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe("a red square on a white background", num_inference_steps=20,
+                     height=64, width=64, generator=torch.Generator().manual_seed(0),
+                     output_type="np").images[0][::8, ::8]
+        return float(np.abs(np.diff(image, axis=0)).mean() + np.abs(np.diff(image, axis=1)).mean())
+
+    assert roughness(snapshot) < 0.5 * roughness(tiny_sd)

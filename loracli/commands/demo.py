@@ -12,9 +12,8 @@ import typer
 from loracli import output
 
 NEXT_STEPS = """\
-The base was a tiny random model (its VAE a fixed 8x8 block average): it cannot draw, so its
-samples are coloured noise, and the LoRA's learning shows in the loss curve and the denoising
-loss above more than in the grid. Every step was the real one, though. For real work:
+The base was the tiny 64 px model (trained briefly on squares and triangles, never discs), so
+pictures are 8x8 colour mosaics; the grid's last row is the LoRA's doing. For real work:
   lora fetch sd15 --mirror hf-mirror           # SD 1.5 through a mirror, resumable and verified
   lora caption data/my_style --prefix "sks style"
   lora profile new my-style --from style       # then `lora profile edit my-style`
@@ -25,7 +24,7 @@ loss above more than in the grid. Every step was the real one, though. For real 
 def demo(
     out: Path = typer.Option(Path("lora-demo"), "--output", "-o",
                              help="Folder for the demo's data, run and pictures."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the demo profile's 300)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the demo profile's 600)."),
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """The whole job on a tiny offline model: fetch, data, train, export, before/after grid."""
