@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from loracli import paths
+from loracli import paths, tiny
 from loracli.errors import LoraError
 
 # The diffusers folders training needs, in safetensors only: no single-file checkpoints, no
@@ -227,6 +227,17 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _tiny_snapshot(repo_id: str, repo_dir: Path, cache: Path, build_id: str) -> Path | None:
+    """The cached tiny model when it was built by this version of lora (else it is rebuilt)."""
+    commit = commit_for(repo_id, "main", cache)
+    snap = repo_dir / "snapshots" / commit if commit else None
+    if snap and (snap / "model_index.json").is_file():
+        marker = snap / tiny.BUILD_FILE
+        if marker.is_file() and marker.read_text("utf-8").strip() == build_id:
+            return snap
+    return None
+
+
 def install_tiny(name: str = "tiny-sd") -> Path:
     """Build the tiny SD1 pipeline into the cache as repo `loracli/tiny-sd`; return its snapshot.
 
@@ -236,23 +247,23 @@ def install_tiny(name: str = "tiny-sd") -> Path:
         raise LoraError(f"no tiny model named {name!r}", f"lora fetch {next(iter(TINY))}")
     from filelock import FileLock
 
-    from loracli import tiny
-
     repo_id = ALIASES[name].repo_id
     cache = paths.cache_dir()
     repo_dir = repo_folder(repo_id, cache)
-    commit = commit_for(repo_id, "main", cache)
-    if commit and (repo_dir / "snapshots" / commit / "model_index.json").is_file():
-        return repo_dir / "snapshots" / commit
+    build_id = tiny.build_id()
+    current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
+    if current:
+        return current
     lock_dir = cache / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / f"{repo_dir.name}.lora.lock")):
-        commit = commit_for(repo_id, "main", cache)
-        if commit and (repo_dir / "snapshots" / commit / "model_index.json").is_file():
-            return repo_dir / "snapshots" / commit
+        current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
+        if current:
+            return current
         build = repo_dir / f".build-{os.getpid()}"
         shutil.rmtree(build, ignore_errors=True)
         tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
+        (build / tiny.BUILD_FILE).write_text(build_id + "\n", "utf-8")
         files = sorted(p for p in build.rglob("*") if p.is_file())
         digests = {}
         for p in files:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 UNET_WEIGHTS = "weights/tiny-sd-unet.safetensors"  # packaged: the pretrained tiny SD1 UNet
+BUILD_VERSION = 2  # raise when build_tiny_sd changes what it writes: caches then rebuild tiny-sd
+BUILD_FILE = "lora_tiny_build.txt"
 TEXT_HIDDEN = 32
 OPEN_CLIP_TINY = {
     "embed_dim": 32,
@@ -23,6 +25,14 @@ OPEN_CLIP_TINY = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+
+
+def build_id() -> str:
+    """Identifies what `build_tiny_sd(pretrained_unet=True)` writes with this version of lora."""
+    import hashlib
+
+    weights = (Path(__file__).parent / UNET_WEIGHTS).read_bytes()
+    return f"{BUILD_VERSION}-{hashlib.sha256(weights).hexdigest()[:16]}"
 
 
 def bpe_vocab_path() -> Path:

@@ -64,3 +64,13 @@ def test_fetch_tiny_sd_builds_it_offline_and_cache_tracks_it(cli, isolated):
     pipe = StableDiffusionPipeline.from_pretrained("loracli/tiny-sd", cache_dir=isolated["cache"],
                                                    local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_a_tiny_sd_built_by_an_older_lora_is_rebuilt(isolated):
+    from loracli import tiny
+
+    first = models.install_tiny()
+    (first / tiny.BUILD_FILE).unlink()  # as left by a version that did not mark its build
+    again = models.install_tiny()
+    assert (again / tiny.BUILD_FILE).read_text().strip() == tiny.build_id()
+    assert models.install_tiny() == again  # and from then on it is reused
