@@ -16,7 +16,6 @@ content changed (blobs are named by digest), verified, and then its ref moves.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from typing import Callable
 
 from loracli import atomic, models, paths, tracking
 from loracli.errors import BusyError, LoraError
+from loracli.runs import sha256_file
 
 TRIES = 2
 
@@ -138,14 +138,6 @@ def status_rows() -> list[dict]:
 
 # --- publishing a files-kind tree -------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _place(src: Path, dest: Path) -> None:
     """Put `src`'s bytes at `dest` atomically: a hard link where possible, else a copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +164,7 @@ def publish_model(dest: Path, record: dict) -> dict:
         models.check_rel_path(rel)
         src = Path(os.path.realpath(snap / rel))
         out = repo_root / rel
-        sha256 = meta.get("sha256") or _sha256(src)
+        sha256 = meta.get("sha256") or sha256_file(src)
         prior = old.get(rel)
         if not (prior and prior.get("sha256") == sha256 and out.is_file()
                 and out.stat().st_size == meta["size"]):

@@ -212,49 +212,45 @@ def test_rerun_resumes_refuses_a_changed_profile_and_restart_keeps_the_old_run(c
         runs.start(profiles.load(str(path), ["model.base='./missing'", "train.output_dir='x'"]))
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_sd, tmp_path, monkeypatch):
-    import torch
-
+def _run_with_third_loss(tiny_sd, tmp_path, monkeypatch, third):
+    """Train 6 steps (checkpoint every 2) with the third loss replaced by `third(real_loss)`."""
     from loracli import denoiser
 
     data = make_dataset(tmp_path / "data", n=2)
-    path = write_profile(tmp_path / "nan.toml", tiny_sd, data, tmp_path / "out",
+    path = write_profile(tmp_path / "p.toml", tiny_sd, data, tmp_path / "out",
                          train={"max_steps": 6, "save_steps": 2})
     real, calls = denoiser.Model.loss, []
 
     def loss(self, *args, **kwargs):
         calls.append(1)
-        value = real(self, *args, **kwargs)
-        return value * torch.tensor(float("nan")) if len(calls) == 3 else value
+        return third(lambda: real(self, *args, **kwargs)) if len(calls) == 3 else \
+            real(self, *args, **kwargs)
 
     monkeypatch.setattr(denoiser.Model, "loss", loss)
     run_dir, _ = runs.start(profiles.load(str(path)))
-    with pytest.raises(LoraError, match=r"loss became nan at step 3") as e:
+    with pytest.raises(LoraError) as e:
         training.run(run_dir)
-    assert "step-000002" in e.value.message and "learning_rate" in e.value.hint
+    return run_dir, e.value
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_sd, tmp_path, monkeypatch):
+    import torch
+
+    run_dir, error = _run_with_third_loss(tiny_sd, tmp_path, monkeypatch,
+                                          lambda real: real() * torch.tensor(float("nan")))
+    assert "loss became nan at step 3" in error.message
+    assert "step-000002" in error.message and "learning_rate" in error.hint
     assert runs.latest(run_dir).step == 2
 
 
 def test_out_of_memory_names_the_settings_that_reduce_memory(tiny_sd, tmp_path, monkeypatch):
-    from loracli import denoiser
+    def oom(real):  # what torch raises when the GPU is full
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    data = make_dataset(tmp_path / "data", n=2)
-    path = write_profile(tmp_path / "oom.toml", tiny_sd, data, tmp_path / "out",
-                         train={"max_steps": 6, "save_steps": 2})
-    real, calls = denoiser.Model.loss, []
-
-    def loss(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # what torch raises when the GPU is full
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(denoiser.Model, "loss", loss)
-    run_dir, _ = runs.start(profiles.load(str(path)))
-    with pytest.raises(LoraError, match=r"out of GPU memory at step 3") as e:
-        training.run(run_dir)
+    run_dir, error = _run_with_third_loss(tiny_sd, tmp_path, monkeypatch, oom)
+    assert "out of GPU memory at step 3" in error.message
     for setting in ("train.batch_size", "train.gradient_checkpointing", "lora resume"):
-        assert setting in e.value.hint
+        assert setting in error.hint
     assert runs.latest(run_dir).step == 2  # the work before it is kept for the resume
 
 
