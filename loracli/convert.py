@@ -22,12 +22,6 @@ from typing import Any
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-# kohya key prefix per component and family (kohya-ss/sd-scripts networks/lora.py).
-KOHYA_PREFIXES = {
-    "sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
-    "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
-    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
 KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                    "lora_te2": "text_encoder_2"}
 KOHYA_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
@@ -183,13 +177,20 @@ def _rename(rest: str, table: dict) -> str:
     return table[head] + (f".{tail}" if tail else "")
 
 
-def kohya_stem(component: str, path: str, family: str, unet_config: dict | None = None) -> str:
-    """`lora_unet_down_blocks_0_…`, `lora_te_text_model_encoder_layers_0_…`, `lora_te2_…`."""
-    prefixes = KOHYA_PREFIXES.get(family)
-    if prefixes is None or component not in prefixes:
-        raise ConversionError(f"{component}: no kohya prefix for family {family!r}")
+def kohya_stem(component: str, path: str, family, unet_config: dict | None = None) -> str:
+    """`lora_unet_down_blocks_0_…`, `lora_te_text_model_encoder_layers_0_…`, `lora_te2_…`.
+
+    `family` (a `Family` or its name) gives the prefix per component and whether UNet names
+    keep the diffusers layout or take the original LDM one (kohya's SDXL convention).
+    """
+    from loracli import families
+
+    family = families.get(family) if isinstance(family, str) else family
+    prefixes = family.kohya_prefixes
+    if component not in prefixes:
+        raise ConversionError(f"{component}: no kohya prefix for family {family.name!r}")
     if component == "unet":
-        name = unet_to_ldm(path, unet_config or {}) if family == "sdxl" else path
+        name = unet_to_ldm(path, unet_config or {}) if family.kohya_unet_layout == "ldm" else path
     elif path.startswith(CLIP_TEXT_MODEL_ROOTS):
         name = "text_model." + path
     else:
@@ -197,7 +198,7 @@ def kohya_stem(component: str, path: str, family: str, unet_config: dict | None 
     return f"{prefixes[component]}_{name.replace('.', '_')}"
 
 
-def to_kohya(modules: list[LoraModule], family: str, unet_config: dict | None = None,
+def to_kohya(modules: list[LoraModule], family, unet_config: dict | None = None,
              dtype=None) -> dict:
     """The kohya/A1111 state dict. Alpha is stored fp32 so rsLoRA's √r survives an fp16 file."""
     import torch

@@ -34,13 +34,19 @@ def _f(default, doc: str, *, min=None, max=None, choices=None, min_exclusive=Fal
     return field(default=default, metadata=meta)
 
 
+def _family_choices() -> tuple[str, ...]:
+    from loracli import families  # the registry: a family registered later is a valid value
+
+    return ("auto", *families.names())
+
+
 @dataclass(frozen=True)
 class ModelSection:
     base: str = _f("sd15", "alias (sd15, sd21, sdxl, tiny-sd), org/name[@revision], a diffusers "
                            "folder, or a single-file .safetensors checkpoint")
     vae: str = _f("", "optional VAE override (alias, repo id or folder), e.g. stabilityai/sd-vae-ft-mse")
     family: str = _f("auto", "model family; auto detects it from the model",
-                     choices=("auto", "sd1", "sd2", "sdxl"))
+                     choices=_family_choices)
     prediction_type: str = _f("auto", "noise target; auto reads the model's scheduler "
                                       "(SD2 768 models use v_prediction)",
                               choices=("auto", "epsilon", "v_prediction"))
@@ -223,6 +229,7 @@ def _check_value(key: str, f: dataclasses.Field, value, problems: list[str]):
             problems.append(f"{key}: expected a string, got {_type_name(value)} {value!r}")
             return None
     choices = meta.get("choices")
+    choices = choices() if callable(choices) else choices
     if choices and value not in choices:
         problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}"
                         + _suggest(str(value), list(choices)))
