@@ -22,8 +22,8 @@ from typing import Any
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                   "lora_te2": "text_encoder_2"}
+# kohya prefixes of models no registered family trains yet (SD3's T5), so `lora inspect` reads them
+OTHER_KOHYA_PREFIXES = {"lora_te3": "text_encoder_3"}
 KOHYA_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 # transformers 5 CLIPTextModel paths start at `encoder.`; WebUI keys must read `text_model_encoder_`.
@@ -242,11 +242,22 @@ def peft_to_diffusers(adapters: dict[str, tuple[dict, dict]], dtype=None) -> tup
 
 # ---------------------------------------------------------------------------- any file → common
 
+def kohya_components() -> dict[str, str]:
+    """kohya prefix → component, over every registered family (the first family's wins)."""
+    from loracli import families
+
+    out = dict(OTHER_KOHYA_PREFIXES)
+    for family in families.all():
+        for component, prefix in family.kohya_prefixes.items():
+            out.setdefault(prefix, component)
+    return out
+
+
 def detect_format(keys) -> str:
     """kohya | diffusers | peft | unknown, from tensor names alone."""
     keys = list(keys)
-    if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"))
-                    for k in keys):
+    kohya = tuple(prefix + "_" for prefix in kohya_components())
+    if keys and all(k.startswith(kohya) for k in keys):
         return "kohya"
     if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
         return "diffusers"
@@ -272,10 +283,12 @@ def kohya_entries(state_dict: dict) -> list[Entry]:
         stem, _, leaf = key.partition(".")
         stems.setdefault(stem, {})[leaf] = tensor
     entries = []
+    components = kohya_components()
+    longest_first = sorted(components, key=len, reverse=True)
     for stem, parts in sorted(stems.items()):
-        prefix = stem.split("_", 2)
-        prefix = "_".join(prefix[:2])
-        component = KOHYA_COMPONENT.get(prefix, prefix)
+        prefix = next((p for p in longest_first if stem.startswith(p + "_")),
+                      "_".join(stem.split("_", 2)[:2]))
+        component = components.get(prefix, prefix)
         kind, rank = _kohya_kind(parts)
         alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
         entries.append(Entry(component, stem, rank, alpha, kind))

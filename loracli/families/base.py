@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 from loracli.errors import LoraError
 
@@ -102,6 +102,7 @@ class Family(Protocol):
 
     name: str                          # run.json's base.family; profile model.family
     components: tuple[str, ...]        # folders loaded, in order: denoiser, vae, encoders, …
+    trainable: tuple[str, ...]         # components that can carry a LoRA: denoiser, encoders
     text_encoders: tuple[str, ...]     # component names, in encoding order
     tokenizers: tuple[str, ...]
     pipeline: str                      # diffusers pipeline class for samples and single files
@@ -123,5 +124,3 @@ class Family(Protocol):
     def conditioning(self, text: dict, sizes: dict) -> dict: ...
     def modelspec(self, prediction_type: str) -> tuple[str, str]: ...
 
-
-Encoder = Callable[[list, list, list, Any], dict]

@@ -58,13 +58,13 @@ def _looks_like_path(name: str) -> bool:
 
 def _refuse_pickle(path: Path, key: str) -> None:
     if path.suffix.lower() in PICKLES:
-        raise LoraError(f"{path.name}: a pickled checkpoint ({path.suffix}); lora never opens "
+        raise LoraError(f"{path}: a pickled checkpoint ({path.suffix}); lora never opens "
                         "pickles, because loading one can run any code in it",
                         f"convert it to .safetensors in a tool you trust (e.g. kohya's or WebUI's "
                         f"checkpoint converter) and set {key} to the .safetensors file")
 
 
-def safetensors_keys(path: Path, key: str) -> list[str]:
+def safetensors_keys(path: Path, key: str, fix: str | None = None) -> list[str]:
     """The tensor names of a .safetensors file; a damaged or foreign file is a LoraError."""
     from safetensors import safe_open
 
@@ -78,7 +78,7 @@ def safetensors_keys(path: Path, key: str) -> list[str]:
     except Exception as e:  # noqa: BLE001 - SafetensorError and OSError: the file is the problem
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LoraError(f"{path}: not a readable .safetensors file ({reason})",
-                        f"{DAMAGED}, or set {key} to another model") from None
+                        fix or f"{DAMAGED}, or set {key} to another model") from None
 
 
 def _json(path: Path, what: str, fix: str) -> dict:
@@ -103,11 +103,14 @@ def check_component(folder: Path, name: str, fix: str) -> dict:
     if not (sub / "config.json").is_file():
         return {}  # a tokenizer: its own loader reads what it needs
     config = _json(sub / "config.json", name, fix)
-    if not any(sub.glob("*.safetensors")):
+    weights = sorted(sub.glob("*.safetensors"))
+    if not weights:
         pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLES)
         raise LoraError(f"{sub}: no .safetensors weights"
                         + (f" (only pickled {', '.join(pickled)}, which lora never opens)"
                            if pickled else ""), fix)
+    for path in weights:  # headers only: a cut-short download is caught before a run starts
+        safetensors_keys(path, "model.base", fix)
     return config
 
 
@@ -149,7 +152,8 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
         ref = models.resolve(model)
         path = models.local_snapshot(model)
         repo, commit = ref.repo_id, path.name if len(path.name) == 40 else None
-        refetch = f"the model in the cache is incomplete: `lora fetch {model}` again"
+        refetch = f"the cached copy is incomplete or damaged: `lora cache rm {model}`, then " \
+                  f"`lora fetch {model}`"
     if path.is_file():
         keys = safetensors_keys(path, "model.base")
         fam = families.get(family) if family != "auto" else \

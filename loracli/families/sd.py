@@ -86,6 +86,11 @@ class StableDiffusion:
     def components(self) -> tuple[str, ...]:
         return ("unet", "vae", *self.text_encoders, *self.tokenizers, "scheduler")
 
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Components that can carry a LoRA, as named in checkpoints and exports."""
+        return ("unet", *self.text_encoders)
+
     def config_alias(self, prediction: str) -> str:
         return self.configs_from.get(prediction) or self.configs_from["auto"]
 
