@@ -96,6 +96,21 @@ def test_a_vae_whose_latents_do_not_fit_the_unet_is_refused():
     assert "model.vae" in e.value.hint
 
 
+def test_bucket_sides_are_raised_to_what_the_vae_and_unet_divide_by():
+    from types import SimpleNamespace
+
+    from loracli.denoiser import Model
+
+    g = families.get("sd1").geometry({"latent_channels": 4, "block_out_channels": [1] * 4},
+                                     {"block_out_channels": [1] * 4}, "m")  # 8x VAE, 8x UNet
+    warnings = []
+    model = SimpleNamespace(geometry=g)
+    assert Model.bucket_step(model, 128, warnings.append) == 128 and warnings == []
+    assert Model.bucket_step(model, 48, warnings.append) == 192
+    assert warnings == ["data.bucket_step = 48 is not a multiple of 64 px (the VAE downsamples "
+                        "8x, the UNet 8x more); using 192"]
+
+
 def test_profile_family_values_come_from_the_registry():
     toy = dataclasses.replace(sd.SD1, name="toy-reg")
     with pytest.raises(profiles.ProfileError, match="1 problem") as e:
@@ -172,6 +187,8 @@ def _bad_bases(tmp_path: Path) -> dict:
     wide_vae = _configs_folder(tmp_path / "wide", latent_channels=16) / "vae"
     lora = tmp_path / "a-lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": np.ones((1, 1), np.float32)}, str(lora))
+    no_config = _configs_folder(tmp_path / "noconfig")
+    (no_config / "unet" / "config.json").unlink()
     cut_unet = _configs_folder(tmp_path / "cut")
     weights = cut_unet / "unet" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-2])
@@ -181,6 +198,7 @@ def _bad_bases(tmp_path: Path) -> dict:
         "a LoRA as the base": ({"base": str(lora)}, "its tensors are a LoRA"),
         "folder without vae": ({"base": str(novae)}, "has no vae/ folder"),
         "cut-short unet weights": ({"base": str(cut_unet)}, "not a readable .safetensors"),
+        "unet without its config": ({"base": str(no_config)}, "unet has no config.json"),
         "ckpt base": ({"base": str(ckpt)}, "pickled checkpoint"),
         "ckpt vae": ({"base": str(good), "vae": str(ckpt)}, "pickled checkpoint"),
         "garbage vae": ({"base": str(good), "vae": str(garbage)}, "not a readable .safetensors"),
@@ -202,7 +220,7 @@ class _Marker:
 
 
 CASES = ["garbage safetensors", "truncated safetensors", "a LoRA as the base",
-         "folder without vae", "cut-short unet weights", "ckpt base", "ckpt vae", "garbage vae",
+         "folder without vae", "cut-short unet weights", "unet without its config", "ckpt base", "ckpt vae", "garbage vae",
          "vae with a broken config", "vae that does not fit"]
 
 

@@ -51,10 +51,9 @@ def get(name: str) -> Family:
 def detect(folder: Path) -> str:
     """The family of a diffusers folder, from its configs (no weights are read)."""
     configs = Configs(folder)
-    if not configs.index or not configs.component("unet") and "unet" in configs.index:
-        missing = "model_index.json" if not configs.index else "unet/config.json"
-        raise LoraError(f"{folder}: not a diffusers model folder ({missing} is missing or "
-                        "not valid JSON)",
+    if not configs.index:
+        raise LoraError(f"{folder}: not a diffusers model folder (model_index.json is missing "
+                        "or not valid JSON)",
                         "pass a folder with model_index.json, a .safetensors file, or an alias "
                         "such as sd15")
     for family in reversed(all()):
@@ -62,7 +61,7 @@ def detect(folder: Path) -> str:
             return family.name
     raise LoraError(f"{folder}: no known model family recognises this model "
                     f"(known: {', '.join(names())})",
-                    "set model.family to the family it belongs to, e.g. --set model.family=sd1")
+                    f"set model.family to the family it belongs to ({', '.join(names())})")
 
 
 def detect_checkpoint(keys: list[str], where: str) -> str:

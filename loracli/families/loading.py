@@ -93,15 +93,19 @@ def _json(path: Path, what: str, fix: str) -> dict:
     return data
 
 
-def check_component(folder: Path, name: str, fix: str) -> dict:
-    """A diffusers component folder: present, its config JSON, safetensors weights if a model."""
+def check_component(folder: Path, name: str, fix: str, cls: str = "") -> dict:
+    """A diffusers component folder: present, its config JSON, safetensors weights if a model.
+
+    `cls` is the class model_index.json names for it: a scheduler has scheduler_config.json,
+    a tokenizer only its own files; anything else is a model with config.json and weights.
+    """
     sub = folder / name
     if not sub.is_dir():
         raise LoraError(f"{folder}: has no {name}/ folder, which this model needs", fix)
-    if (sub / "scheduler_config.json").is_file():
+    if cls.endswith("Scheduler"):
         return _json(sub / "scheduler_config.json", name, fix)
-    if not (sub / "config.json").is_file():
-        return {}  # a tokenizer: its own loader reads what it needs
+    if "Tokenizer" in cls:
+        return {}  # its own loader reads what it needs
     config = _json(sub / "config.json", name, fix)
     weights = sorted(sub.glob("*.safetensors"))
     if not weights:
@@ -130,6 +134,22 @@ def check_vae(vae: str) -> dict | None:
         return None
     return check_component(path, "vae", fix) if (path / "vae").is_dir() \
         else check_component(path.parent, path.name, fix)
+
+
+def _check_folder(path: Path, fam: Family, vae_override: bool, refetch: str) -> dict:
+    """Every component `fam` loads is listed in model_index.json and present; their configs."""
+    index, configs = Configs(path).index, {}
+    for name in fam.components:
+        if name == "vae" and vae_override:
+            continue
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            raise LoraError(f"{path}: model_index.json names no {name}, which a {fam.name} "
+                            "model has", f"set model.family if it is not {fam.name}; else "
+                            f"{refetch}")
+        fix = refetch + (", or set model.vae to a VAE" if name == "vae" else "")
+        configs[name] = check_component(path, name, fix, str(entry[1]))
+    return configs
 
 
 def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
@@ -168,17 +188,13 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
     else:
         config_dir = path
         fam = families.get(family if family != "auto" else families.detect(path))
-    configs = {}
-    for name in fam.components:
-        if path.is_dir() and not (name == "vae" and vae):
-            fix = refetch + (", or set model.vae to a VAE" if name == "vae" else "")
-            configs[name] = check_component(path, name, fix)
+    configs = _check_folder(path, fam, bool(vae), refetch) if path.is_dir() else {}
     vae_config = check_vae(vae) if vae else configs.get("vae")
-    if vae_config is None and not vae:  # single file: the VAE is inside, its config borrowed
-        vae_config = Configs(config_dir).component("vae")
-    unet = configs.get("unet") or Configs(config_dir).component("unet")
-    if vae_config is not None:
-        fam.geometry(vae_config, unet, f"model.vae {vae}" if vae else str(path))
+    if not vae:  # a single file holds its VAE; its config is borrowed with the others
+        vae_config = vae_config or Configs(config_dir).component("vae")
+    if vae_config:  # a single-file VAE override has no config to check before loading
+        fam.geometry(vae_config, configs.get("unet") or Configs(config_dir).component("unet"),
+                     f"model.vae {vae}" if vae else str(path))
     pred = prediction if prediction != "auto" else prediction_type(config_dir)
     return Base(model, path, repo, commit, fam.name, pred, config_dir)
 
