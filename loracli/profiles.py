@@ -18,7 +18,7 @@ from typing import Any
 
 from loracli import paths
 from loracli.errors import LoraError
-from loracli.families import sd  # the SD families' default LoRA targets are the defaults
+from loracli.families.sd import SD1  # the default base (sd15) is SD1: its targets are the defaults
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,9 +80,9 @@ class LoraSection:
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank", min=0.0,
                       min_exclusive=True, max=4096.0)
     dropout: float = _f(0.1, "dropout inside the LoRA layers", min=0.0, max=0.9)
-    targets: tuple = _f(list(sd.ATTENTION), "UNet modules that get a LoRA")
+    targets: tuple = _f(list(SD1.unet_targets), "UNet modules that get a LoRA")
     train_text_encoder: bool = _f(False, "also train the text encoder(s); helps characters, costs memory")
-    text_encoder_targets: tuple = _f(list(sd.CLIP_ATTENTION),
+    text_encoder_targets: tuple = _f(list(SD1.text_targets),
                                      "text-encoder modules that get a LoRA")
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(rank)")
     dora: bool = _f(False, "weight-decomposed LoRA (DoRA); slower, sometimes better")

@@ -89,6 +89,15 @@ def test_geometry_comes_from_the_vae_config(vae, unet, shape, multiple):
         (1.5 - vae.get("shift_factor", 0.0)) * vae["scaling_factor"])
 
 
+def test_a_scheduler_predicting_something_else_is_refused(tmp_path):
+    folder = _configs_folder(tmp_path / "m")
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "sample"}')
+    with pytest.raises(LoraError, match="predicts 'sample'") as e:
+        loading.resolve_base(str(folder))
+    assert e.value.hint == "set model.prediction_type to epsilon or v_prediction"
+    assert loading.resolve_base(str(folder), prediction="epsilon").prediction_type == "epsilon"
+
+
 def test_a_vae_whose_latents_do_not_fit_the_unet_is_refused():
     with pytest.raises(LoraError, match="16-channel latents but the denoiser takes 4") as e:
         families.get("sd1").geometry({"latent_channels": 16, "block_out_channels": [1, 1]},

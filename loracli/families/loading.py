@@ -196,6 +196,7 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
         fam.geometry(vae_config, configs.get("unet") or Configs(config_dir).component("unet"),
                      f"model.vae {vae}" if vae else str(path))
     pred = prediction if prediction != "auto" else prediction_type(config_dir)
+    fam.objective(pred)  # a prediction type the family cannot train is refused here, not later
     return Base(model, path, repo, commit, fam.name, pred, config_dir)
 
 

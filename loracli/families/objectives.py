@@ -9,6 +9,22 @@ interpolation and target, and the trainer does not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Objective(Protocol):
+    """What the trainer asks of an objective (tensors in, tensors out; no state)."""
+
+    name: str  # run.json's base.prediction_type for the DDPM ones
+
+    def scheduler(self, config):
+        """The training noise schedule, built from the model's own scheduler config."""
+
+    def noisy_input_and_target(self, latents, noise, timesteps, scheduler):
+        """(what the denoiser sees, what it must predict) for scaled clean latents."""
+
+    def weights(self, timesteps, scheduler, min_snr_gamma: float):
+        """A per-sample loss weight, or None for equal weights."""
 
 
 def ddpm_scheduler(config):

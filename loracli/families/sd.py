@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from loracli.errors import LoraError
 from loracli.families.base import Configs, Geometry, vae_geometry
 from loracli.families.objectives import DDPM_OBJECTIVES
 
@@ -98,6 +99,10 @@ class StableDiffusion:
         return vae_geometry(vae_config, denoiser_config, where)
 
     def objective(self, prediction_type: str):
+        if prediction_type not in self.objectives:
+            raise LoraError(f"the model's scheduler predicts {prediction_type!r}, which {self.name} "
+                            "training does not support",
+                            "set model.prediction_type to " + " or ".join(self.objectives))
         return self.objectives[prediction_type]
 
     def modelspec(self, prediction_type: str) -> tuple[str, str]:
