@@ -25,7 +25,11 @@ SCHEDULERS = {
     "flux-schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False},
     "sd3": {"num_train_timesteps": 1000, "shift": 3.0},
 }
-KINDS = ("flux-dev", "flux-schnell", "sd3")
+# what each tiny pipeline is built like: FLUX with or without the guidance embedding, or SD3.5
+SPECS = {"flux-dev": {"flux": True, "guidance": True},
+         "flux-schnell": {"flux": True, "guidance": False},
+         "sd3": {"flux": False, "guidance": False}}
+KINDS = tuple(SPECS)
 T5_MAX_LENGTH = 32  # the tiny tokenizer's model_max_length (real T5: 512)
 _WORDS = ("a photo of the cat dog red green blue yellow purple orange white black disc square "
           "triangle on background in with style painting drawing portrait landscape sky sea "
@@ -70,7 +74,7 @@ def _t5(vocab: int, width: int):
 
 def _vae(kind: str):
     """tiny's hand-set block-average VAE with 16 channels, carrying the real scale and shift."""
-    scaling, shift = VAE_FACTORS["flux" if kind.startswith("flux") else "sd3"]
+    scaling, shift = VAE_FACTORS["flux" if SPECS[kind]["flux"] else "sd3"]
     vae = tiny._vae(8, 16)
     vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
     return vae
@@ -108,11 +112,11 @@ def build_tiny_dit(dest: Path, kind: str = "flux-dev", seed: int = 0) -> Path:
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[kind])
     torch.manual_seed(seed)
     vae = _vae(kind)
-    if kind.startswith("flux"):
+    if SPECS[kind]["flux"]:
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-            pooled_projection_dim=tiny.TEXT_HIDDEN, guidance_embeds=kind == "flux-dev",
+            pooled_projection_dim=tiny.TEXT_HIDDEN, guidance_embeds=SPECS[kind]["guidance"],
             axes_dims_rope=(4, 6, 6))
         pipe = FluxPipeline(
             scheduler=scheduler, vae=vae, transformer=transformer,
