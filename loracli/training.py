@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loracli import __version__, atomic, checkpoints, profiles, runs
+from loracli import __version__, atomic, checkpoints, profiles, provenance, runs
 from loracli import dataset as ds
 from loracli.denoiser import Model, evaluate, render_samples, seed_from  # noqa: F401 (API)
 from loracli.errors import LoraError
@@ -306,6 +306,8 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
         warn(f"images or captions in {d.dir} changed since this run started: the resumed run "
              "will not match an uninterrupted one")
     data = ds.plan(examples, d.resolution, d.bucket_step, d.bucketing, d.repeats, warn)
+    if main:
+        provenance.record_dataset(run_dir, data)  # folders and buckets, for export's metadata
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     model = Model(run_dir, profile, accelerator.device, weight_dtype)
     with accelerator.main_process_first():

@@ -133,18 +133,18 @@ def test_detect_format(keys, fmt):
 
 
 def test_kohya_keys_are_checked_against_the_base_modules():
-    from loracli import export
+    from loracli import basecheck
     from loracli.errors import LoraError
 
     found = {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)},
              "text_encoder": {"encoder.layers.0.self_attn.q_proj": (32, 32)}}
     good = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha",
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]
-    export.check_kohya_keys(dict.fromkeys(good), found, "sd1", {})
+    basecheck.check_kohya_keys(dict.fromkeys(good), found, "sd1", {})
     # Trap 1: without `text_model_` A1111 and ComfyUI drop the text-encoder LoRA silently.
     bad = good + ["lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight"]
     with pytest.raises(LoraError, match="nothing was written") as e:
-        export.check_kohya_keys(dict.fromkeys(bad), found, "sd1", {})
+        basecheck.check_kohya_keys(dict.fromkeys(bad), found, "sd1", {})
     assert e.value.details == ["lora_te_encoder_layers_0_self_attn_q_proj: names no module of the base model"]
 
 
