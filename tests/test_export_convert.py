@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -177,3 +178,31 @@ def test_a_kohya_file_must_end_in_safetensors(tmp_path):
     with pytest.raises(LoraError, match="must end in .safetensors") as e:
         export.output_path(tmp_path / "anime.ckpt", Path("run"), "anime", "kohya")
     assert e.value.hint == f"-o {tmp_path / 'anime.safetensors'}"
+
+
+def test_sshs_hashes_follow_sd_scripts_on_a_file_over_one_mib():
+    """sshs_legacy_hash: sha256 of the 64 KiB at 1 MiB of the file saved with its ss_* keys only,
+    8 hex digits (sd-scripts precalculate_safetensors_hashes / addnet_hash_legacy); it does not
+    change when other header keys do. sshs_model_hash: sha256 of everything after the header."""
+    import hashlib
+    import io
+
+    import torch
+    from safetensors.torch import save
+
+    from loracli.metadata import serialize
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(600_000, dtype=torch.float32).reshape(1000, 600)}
+    header = {"ss_output_name": "x", "ss_network_dim": "4", "modelspec.title": "x"}
+    data = serialize(tensors, header)
+    b = io.BytesIO(save(tensors, {"ss_output_name": "x", "ss_network_dim": "4"}))
+    b.seek(0x100000)
+    legacy = hashlib.sha256(b.read(0x10000)).hexdigest()[:8]
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    assert len(data) > 0x110000
+    assert meta["sshs_legacy_hash"] == legacy != hashlib.sha256(b"").hexdigest()[:8]
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    other = serialize(tensors, {**header, "modelspec.title": "renamed"})
+    m = int.from_bytes(other[:8], "little")
+    assert json.loads(other[8:8 + m])["__metadata__"]["sshs_legacy_hash"] == legacy
