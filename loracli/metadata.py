@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime
 
 from loracli import __version__, provenance
 from loracli.trained import Run

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from loracli import convert
+from loracli import convert, inspection
 
 SDXL_UNET = {"layers_per_block": 2,
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
@@ -130,7 +130,7 @@ def test_peft_to_diffusers_prefixes_tensors_and_packs_the_adapter_config():
     (["model.diffusion_model.x.weight"], "unknown"),
 ])
 def test_detect_format(keys, fmt):
-    assert convert.detect_format(keys) == fmt
+    assert inspection.detect_format(keys) == fmt
 
 
 def test_kohya_keys_are_checked_against_the_base_modules():
