@@ -313,3 +313,30 @@ def _comfy_knows(path: str) -> bool:
     t = re.match(r"^transformer_blocks\.\d+\.(.+)$", m.group(2))
     return (t.group(1) in COMFY_UNET_SUFFIXES["transformer_blocks"] if t
             else m.group(2) in COMFY_UNET_SUFFIXES["attentions"])
+
+
+def print_reports() -> None:
+    """The per-loader report for the default targets and every UNet Linear/Conv2d, per layout:
+    `PYTHONPATH=.:tests python tests/export_layouts.py`."""
+    from loracli import compat, export
+
+    targets = {"default targets": (UNET_ATTENTION, TEXT_ATTENTION),
+               "every UNet Linear/Conv2d (+ default text)": ("all", TEXT_ATTENTION),
+               "text q_proj/v_proj only, as completed by lora export": (UNET_ATTENTION, ("q_proj", "v_proj")),
+               "text q_proj/v_proj only, not completed": (UNET_ATTENTION, ("q_proj", "v_proj"))}
+    for layout, (family, unet_cfg, _) in LAYOUTS.items():
+        for label, (unet_targets, text_targets) in targets.items():
+            modules, found = lora_modules(layout, unet_targets, text_targets)
+            zeros = export.zero_modules(modules, found, family) if "not" not in label else []
+            kohya = convert.to_kohya(modules + zeros, family, config(unet_cfg))
+            rows = compat.report([k.split(".")[0] for k in kohya], family)
+            extra = f", {len(zeros)} zero-effect added" if zeros else ""
+            print(f"{layout} ({family}), {label}: {len(modules)} modules{extra}")
+            for line in compat.summary(rows):
+                print(f"  {line}")
+            for line in compat.warnings(rows):
+                print(f"  warning: {line}")
+
+
+if __name__ == "__main__":
+    print_reports()
