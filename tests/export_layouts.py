@@ -138,7 +138,9 @@ def sd_scripts_names(layout: str) -> dict[str, str]:
     family = LAYOUTS[layout][0]
     unet_classes = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
     text_classes = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-    prefixes = convert.KOHYA_PREFIXES[family]
+    # LoRANetwork.LORA_PREFIX_UNET / _TEXT_ENCODER (SDXL: _TEXT_ENCODER1 / _TEXT_ENCODER2)
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if family == "sdxl" else "lora_te",
+                "text_encoder_2": "lora_te2"}
     unet_config = config(LAYOUTS[layout][1])
     names = {}
     for component, model in models(layout).items():

@@ -162,4 +162,4 @@ def test_every_unet_linear_and_conv_names_what_sd_scripts_drops(layout, dropped)
     for loader in ("a1111", "comfyui", "diffusers"):
         assert rows[loader]["ignored"] == [], loader
     warning = [w for w in compat.warnings(list(rows.values())) if w.startswith("kohya sd-scripts")]
-    assert warning and "lora_unet_conv_in" in warning[0] or "lora_unet_input_blocks_0_0" in warning[0]
+    assert len(warning) == 1 and all(f"lora_unet_{name}" in warning[0] for name in dropped)
