@@ -18,7 +18,9 @@ from collections import defaultdict
 from loracli import convert
 
 LOADERS = ("a1111", "comfyui", "sd-scripts", "diffusers")
-LABELS = {"a1111": "AUTOMATIC1111/Forge", "comfyui": "ComfyUI", "sd-scripts": "kohya sd-scripts",
+# Forge (lllyasviel/stable-diffusion-webui-forge 00f1cd3, backend/patcher/lora.py) takes its key
+# maps from packages_3rdparty/comfyui_lora_collection: it follows ComfyUI's rules, not A1111's.
+LABELS = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI/Forge", "sd-scripts": "kohya sd-scripts",
           "diffusers": "diffusers"}
 SOURCES = {
     "a1111": "AUTOMATIC1111/stable-diffusion-webui v1.10 extensions-builtin/Lora/networks.py "
@@ -183,6 +185,6 @@ def warnings(rows: list[dict], limit: int = 6) -> list[str]:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """`AUTOMATIC1111/Forge: 40 of 40 modules applied` per loader."""
+    """`AUTOMATIC1111: 40 of 40 modules applied` per loader."""
     return [f"{row['label']}: {row['applied']} of {row['total']} modules applied"
             + (" (will not load)" if row["error"] else "") for row in rows]

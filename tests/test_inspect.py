@@ -153,6 +153,6 @@ def test_inspect_reports_what_each_loader_applies(run, tmp_path, cli):
     assert rows["comfyui"]["ignored"] == [] and rows["diffusers"]["error"] is None  # mlp_fc1 is there
     human = cli("inspect", tmp_path / "sd2.safetensors")
     assert human.exit_code == 0
-    assert "AUTOMATIC1111/Forge\t2 of 4 modules applied" in human.stdout
-    assert "warning: AUTOMATIC1111/Forge ignores 2 of 4 modules" in human.stderr
+    assert "AUTOMATIC1111\t2 of 4 modules applied" in human.stdout
+    assert "warning: AUTOMATIC1111 ignores 2 of 4 modules" in human.stderr
     assert "self_attn_q_proj" in human.stderr
