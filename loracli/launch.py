@@ -73,9 +73,14 @@ class Layout:
 
 
 def _default_accelerate_config() -> Path | None:
-    from accelerate.commands.config import default_config_file
-
-    path = Path(os.environ.get("ACCELERATE_CONFIG_FILE", default_config_file))
+    """The file `accelerate config` writes (its own rule, without importing accelerate)."""
+    named = os.environ.get("ACCELERATE_CONFIG_FILE")
+    if named:
+        path = Path(named).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+        home = Path(os.environ.get("HF_HOME", os.path.join(cache, "huggingface"))).expanduser()
+        path = home / "accelerate" / "default_config.yaml"
     return path if path.is_file() else None
 
 
@@ -216,10 +221,10 @@ def check_world(where: Layout, state) -> None:
                    f"{where.processes} per machine were asked for")
     elif machine != where.machine_rank:
         problem = f"machine {where.machine_rank} joined as machine {machine}"
-    if got > 1:
-        problems = [None] * got
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if got > 1 and dist.is_initialized():
+        problems = [None] * got
         dist.all_gather_object(problems, problem)
         problem = next((p for p in problems if p), None)
     if problem:
@@ -277,7 +282,7 @@ def _worker(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from loracli import atomic, output, training
+    from loracli import atomic, output, runlock, training
 
     parser = argparse.ArgumentParser(prog="python -m loracli.launch")
     parser.add_argument("run_dir", type=Path)
@@ -294,8 +299,10 @@ def _worker(argv: list[str] | None = None) -> int:
     local_main = os.environ.get("LOCAL_RANK", "0") == "0"
     stop = training.StopFlag()
     stop.install(output.note if local_main else None, abort_on_second=False)
+    _stop_when_orphaned(stop, output.note if local_main else None)
     # the same state the trainer's Accelerator will share: the process group starts here
     state = PartialState(cpu=not torch.cuda.is_available())
+    held = runlock.join(args.run_dir)  # noqa: F841 - held until this process exits
     try:
         check_world(where, state)
         if where.machines > 1:
@@ -312,6 +319,24 @@ def _worker(argv: list[str] | None = None) -> int:
     if state.num_processes > 1 and code != 1:
         torch.distributed.destroy_process_group()
     return code
+
+
+def _stop_when_orphaned(stop, notify: Callable[[str], None] | None) -> None:
+    """A killed launcher leaves its workers running (they have sessions of their own): they
+    then save and stop after the current step, as on Ctrl+C, instead of training unseen."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        stop.requested = True
+        if notify:
+            notify("the launcher is gone: stopping after this step and saving a checkpoint")
+
+    threading.Thread(target=watch, name="lora-orphan-watch", daemon=True).start()
 
 
 def plain_progress(every: int = 0) -> Callable[[dict], None]:

@@ -13,7 +13,9 @@ second `lora train` of the same run, or a second machine claiming the same rank,
 
 Why beside the folder and not inside it: `--restart` moves the run folder aside, and a new run
 starts at the same path; the lock belongs to the path, and is taken before the folder exists.
-On NFS, Linux maps flock to NFS locks (NFSv4, or v3 with lockd): every machine sees them, and the
+Training processes under `accelerate launch` run in sessions of their own and can outlive a
+killed `lora train`: each holds `output/.NAME.workers` shared (`join`), and machine 0 takes the run
+only when no such process is left. On NFS, Linux maps flock to NFS locks (NFSv4, or v3 with lockd): every machine sees them, and the
 server drops a dead client's lock when its lease ends.
 """
 
@@ -106,7 +108,7 @@ class RunLock:
         self.release()
 
 
-def _try_lock(path: Path, block: bool):
+def _try_lock(path: Path, block: bool, shared: bool = False):
     """The handle of the held lock, or None when another process holds it (and not `block`)."""
     if fcntl is None:  # pragma: no cover
         from filelock import FileLock, Timeout
@@ -119,7 +121,8 @@ def _try_lock(path: Path, block: bool):
         return lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                    | (0 if block else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
         return None
@@ -129,32 +132,60 @@ def _try_lock(path: Path, block: bool):
     return fd
 
 
+def _take(path: Path, wait: bool, on_wait, refusal: Callable[[], BusyError]):
+    handle = _try_lock(path, block=False)
+    if handle is None:
+        error = refusal()
+        if not wait:
+            raise error
+        if on_wait:
+            on_wait(f"waiting: {error.message}")
+        handle = _try_lock(path, block=True)
+    return handle
+
+
+def _workers_path(run_dir: Path) -> Path:
+    return lock_path(run_dir).with_suffix(".workers")
+
+
 def acquire(run_dir: Path, machine_rank: int = 0, wait: bool = False, command: str = "",
             on_wait: Callable[[str], None] | None = None) -> RunLock:
     """Take the run's lock (machine 0) or this machine's place in it (machine r > 0).
 
     Busy: raise `BusyError` naming the holder, or with `wait`, say so through `on_wait` and
     block until it is free. `command` is how this trainer was started (for the holder file and
-    the hint, which adds `--wait` to it).
+    the hint, which adds `--wait` to it). Machine 0 also waits for (or refuses) training
+    processes that outlived a killed trainer of the run (`join`).
     """
     run_dir = Path(run_dir).expanduser().resolve()
     path = lock_path(run_dir, machine_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _try_lock(path, block=False)
-    if handle is None:
+    queue = f"queue behind it: `{command} --wait`" if command else "add --wait to queue"
+
+    def busy() -> BusyError:
         who = holder(run_dir, machine_rank)
         what = (f"{run_dir} is already training" if machine_rank == 0 else
                 f"machine {machine_rank} of the run in {run_dir} is already training")
         where = f"in {who.describe()}" if who else "(its holder is still writing who it is)"
-        if not wait:
-            hint = f"queue behind it: `{command} --wait`" if command else "add --wait to queue"
-            if machine_rank:
-                hint = "give each machine its own --machine-rank (0 for the main machine); or " \
-                       + hint
-            raise BusyError(f"{what} {where}", f"let it finish, or {hint}")
-        if on_wait:
-            on_wait(f"waiting: {what} {where}")
-        handle = _try_lock(path, block=True)
+        hint = queue if machine_rank == 0 else \
+            "give each machine its own --machine-rank (0 for the main machine); or " + queue
+        return BusyError(f"{what} {where}", f"let it finish, or {hint}")
+
+    def orphans() -> BusyError:
+        who = holder(run_dir, 0)
+        by = f" (started by PID {who.pid} on {who.host}, which is gone)" if who else ""
+        return BusyError(f"training processes of a killed trainer of {run_dir} still run{by}",
+                         "they save and stop after their current step; then run the command "
+                         f"again, or {queue}")
+
+    handle = _take(path, wait, on_wait, busy)
+    lock = RunLock(path, handle)
+    if machine_rank == 0:
+        try:
+            RunLock(path, _take(_workers_path(run_dir), wait, on_wait, orphans)).release()
+        except BaseException:
+            lock.release()
+            raise
     info = Path(f"{path}.json")
     atomic.write_json(info, {
         "pid": os.getpid(), "host": socket.gethostname(), "command": command,
@@ -162,7 +193,14 @@ def acquire(run_dir: Path, machine_rank: int = 0, wait: bool = False, command: s
         "run": str(run_dir), "machine_rank": machine_rank})
     with contextlib.suppress(OSError):
         info.chmod(0o644)  # teammates sharing the run folder may read who holds it
-    return RunLock(path, handle)
+    return lock
+
+
+def join(run_dir: Path) -> RunLock:
+    """In each training process, for its lifetime: a shared hold that machine 0's next trainer
+    sees, so processes that outlive their killed launcher are never trained over."""
+    path = _workers_path(Path(run_dir).expanduser().resolve())
+    return RunLock(path, _try_lock(path, block=True, shared=True))
 
 
 @contextlib.contextmanager

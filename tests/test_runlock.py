@@ -133,3 +133,38 @@ def test_machines_of_one_job_take_their_own_places_and_a_duplicate_rank_is_refus
         with pytest.raises(BusyError, match="is already training in PID"):
             runlock.acquire(run)  # an unrelated second trainer: machine 0's place is taken
     assert runlock.lock_path(run, 1).name == ".style.machine-1.lock"
+
+
+@pytest.mark.slow
+def test_real_trainers_one_refused_one_queued_behind_a_trainer_killed_with_sigkill(
+        tiny_sd, tmp_path):
+    from train_fixtures import env, lora_cmd, make_dataset, metrics_steps, write_profile
+
+    data = make_dataset(tmp_path / "data", n=2)
+    path = write_profile(tmp_path / "p.toml", tiny_sd, data, tmp_path / "out",
+                         train={"max_steps": 2, "save_steps": 1})
+    run = tmp_path / "out"
+    first = subprocess.Popen(lora_cmd("train", "--config", path), stderr=subprocess.DEVNULL,
+                             env=env(LORA_TEST_SAVE_PAUSE=5))
+    try:
+        assert wait_for(lambda: getattr(runlock.holder(run), "pid", None) == first.pid, 120,
+                        first)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(lora_cmd("train", "--config", path, "--json"),
+                                capture_output=True, text=True, timeout=120, env=env())
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"already training in PID {first.pid} on {socket.gethostname()}" in second.stderr
+        assert f"`lora train --config {path} --wait`" in second.stderr
+        log = tmp_path / "queued.err"
+        with open(log, "w") as err:
+            queued = subprocess.Popen(lora_cmd("train", "--config", path, "--wait", "--json"),
+                                      stdout=subprocess.PIPE, stderr=err, text=True, env=env())
+        assert wait_for(lambda: "waiting: " in log.read_text(), 120, queued), log.read_text()
+        assert queued.poll() is None  # queued while the first one holds the run
+    finally:
+        first.kill()  # SIGKILL, while it holds the lock: the lock must not outlive it
+        first.wait()
+    out, _ = queued.communicate(timeout=300)
+    assert queued.returncode == 0, log.read_text()[-3000:]
+    assert json.loads(out)["status"] == "finished"
+    assert metrics_steps(run) == [1, 2]  # trained once, never by two at a time
