@@ -5,7 +5,6 @@ ranks 0 and 1, gloo on the CPU) that train, are killed, resume and equal one pro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loracli import launch, profiles, runs, training
+from loracli import launch, profiles, runs, training, worker
 from loracli.errors import LoraError
 from train_fixtures import adapter_tensors, env, lora_cmd, make_dataset, wait_for, write_profile
 
@@ -44,6 +43,20 @@ def test_layout_takes_flags_over_the_profile_over_the_accelerate_config(tmp_path
     assert two.main_process_port == 29500  # every machine must name the same port
 
 
+def test_the_default_accelerate_config_is_honoured(isolated):
+    default = isolated["tmp"] / "hf-home" / "accelerate" / "default_config.yaml"  # $HF_HOME
+    default.parent.mkdir(parents=True)
+    default.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 1\n"
+                       "main_process_ip: 10.0.0.9\n", "utf-8")
+    where = launch.layout(_train(processes=2))
+    assert (where.accelerate_config, where.machines, where.machine_rank) == (default, 2, 1)
+    assert (where.main_process_ip, where.main_process_port, where.world_size) == \
+        ("10.0.0.9", 29500, 4)
+    cmd = launch.command(isolated["tmp"], where)
+    assert cmd[cmd.index("--config_file") + 1] == str(default)
+    assert "--multi_gpu" not in cmd  # its distributed_type, not ours
+
+
 def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(LoraError, match="machine rank 2 is out of range for 2") as e:
         launch.layout(_train(num_machines=2, main_process_ip="h0"), machine_rank=2)
@@ -63,7 +76,7 @@ def test_command_of_machine_1_names_the_whole_world(tmp_path):
     text = " ".join(cmd)
     assert "--num_processes 4 --num_machines 2" in text  # accelerate counts every machine's
     assert "--machine_rank 1 --main_process_ip 10.1.1.1 --main_process_port 6000" in text
-    assert cmd[cmd.index("-m", 3) + 1] == "loracli.launch"
+    assert cmd[cmd.index("-m", 3) + 1] == "loracli.worker"
     assert "--processes 2 --num-machines 2 --machine-rank 1" in text
     assert where.flags() == (" --processes 2 --num-machines 2 --machine-rank 1 "
                              "--main-process-ip 10.1.1.1 --main-process-port 6000")
@@ -78,24 +91,24 @@ def _state(n, mode):
 def test_a_world_other_than_the_one_asked_for_is_refused(monkeypatch):
     two_machines = launch.Layout(processes=1, machines=2, machine_rank=0)
     with pytest.raises(LoraError) as e:
-        launch.check_world(two_machines, _state(3, "MULTI_CPU"))
+        worker.check_world(two_machines, _state(3, "MULTI_CPU"))
     assert e.value.message == ("2 machines × 1 process = 2 training processes were asked for, "
                                "but accelerate started 3 (MULTI_CPU)")
     assert "same --processes and --num-machines" in e.value.hint
     fell_back = launch.Layout(processes=2, accelerate_config=Path("cfg.yaml"))
     with pytest.raises(LoraError, match=r"2 training processes were asked for, but accelerate "
                                         r"started 1 \(NO\)") as e:
-        launch.check_world(fell_back, _state(1, "NO"))
+        worker.check_world(fell_back, _state(1, "NO"))
     assert "distributed_type" in e.value.hint and "cfg.yaml" in e.value.hint
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(LoraError, match="machine 0 runs 2 processes; 1 per machine"):
-        launch.check_world(two_machines, _state(2, "MULTI_CPU"))
+        worker.check_world(two_machines, _state(2, "MULTI_CPU"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("GROUP_RANK", "1")
     with pytest.raises(LoraError, match="machine 0 joined as machine 1"):
-        launch.check_world(two_machines, _state(2, "MULTI_CPU"))
+        worker.check_world(two_machines, _state(2, "MULTI_CPU"))
     monkeypatch.setenv("GROUP_RANK", "0")
-    launch.check_world(two_machines, _state(2, "MULTI_CPU"))  # what was asked: no error
+    worker.check_world(two_machines, _state(2, "MULTI_CPU"))  # what was asked: no error
 
 
 # ---------------------------------------------------------------- real processes (slow)
@@ -182,6 +195,7 @@ def test_two_machines_on_localhost_train_are_killed_resume_and_equal_one_process
                                     "main_process_port": report["launch"]["main_process_port"],
                                     "accelerate_config": None}
     assert "resuming" in results[1][2] and "as machine 1 of 2" in results[1][2]
+    assert json.loads(results[1][1])["checkpoint"] is None  # only machine 0 writes the run
     state = json.loads((runs.checkpoint_dir(run, 4) / "state.json").read_text())
     assert (state["processes"], state["global_batch"]) == (2, 2)
     assert [m for m in _metric_steps(run)] == [1, 2, 3, 4]  # the killed job's extra lines trimmed
