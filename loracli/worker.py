@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                                   on_step=plain_progress() if local_main else None,
                                   on_warning=output.warn, stop=stop,
                                   extra_steps=args.extra_steps, until_step=args.until_step)
-            data, code = result.to_dict(), INTERRUPTED if result.status == "interrupted" else 0
             state.wait_for_everyone()  # no machine leaves while another still saves
+            if not state.is_main_process and result.status != "already-finished":
+                result.checkpoint = _saved(args.run_dir, result.step)  # machine 0 wrote it
+            data, code = result.to_dict(), INTERRUPTED if result.status == "interrupted" else 0
         except LoraError as e:
             data, code = e.to_dict(), 1
     if local_main and args.result:
@@ -140,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     if state.num_processes > 1 and code != 1:
         torch.distributed.destroy_process_group()
     return code
+
+
+def _saved(run_dir: Path, step: int) -> Path | None:
+    from loracli import runs
+
+    path = runs.checkpoint_dir(run_dir, step)
+    return path if (path / runs.MARKER).is_file() else None
 
 
 def _stop_when_orphaned(stop, notify: Callable[[str], None] | None) -> None:

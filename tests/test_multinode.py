@@ -195,7 +195,8 @@ def test_two_machines_on_localhost_train_are_killed_resume_and_equal_one_process
                                     "main_process_port": report["launch"]["main_process_port"],
                                     "accelerate_config": None}
     assert "resuming" in results[1][2] and "as machine 1 of 2" in results[1][2]
-    assert json.loads(results[1][1])["checkpoint"] is None  # only machine 0 writes the run
+    reports = [json.loads(out) for _, out, _ in results]  # machine 0 wrote it; 1 names it
+    assert reports[0]["checkpoint"] == reports[1]["checkpoint"] == str(runs.latest(run).path)
     state = json.loads((runs.checkpoint_dir(run, 4) / "state.json").read_text())
     assert (state["processes"], state["global_batch"]) == (2, 2)
     assert [m for m in _metric_steps(run)] == [1, 2, 3, 4]  # the killed job's extra lines trimmed
