@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from loracli import atomic
-from loracli.errors import BusyError
+from loracli.errors import BusyError, LoraError
 
 try:
     import fcntl
@@ -159,7 +159,13 @@ def acquire(run_dir: Path, machine_rank: int = 0, wait: bool = False, command: s
     """
     run_dir = Path(run_dir).expanduser().resolve()
     path = lock_path(run_dir, machine_rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as e:
+        raise LoraError(f"cannot write the run's lock {path}: {e.strerror}",
+                        "choose a folder you can write to, e.g. --set "
+                        "train.output_dir=./output/{profile}") from None
     queue = f"queue behind it: `{command} --wait`" if command else "add --wait to queue"
 
     def busy() -> BusyError:
@@ -167,8 +173,10 @@ def acquire(run_dir: Path, machine_rank: int = 0, wait: bool = False, command: s
         what = (f"{run_dir} is already training" if machine_rank == 0 else
                 f"machine {machine_rank} of the run in {run_dir} is already training")
         where = f"in {who.describe()}" if who else "(its holder is still writing who it is)"
-        hint = queue if machine_rank == 0 else \
-            "give each machine its own --machine-rank (0 for the main machine); or " + queue
+        hint = queue
+        if machine_rank or (who and who.host != socket.gethostname()):
+            hint = ("on a machine of a multi-machine job, give each machine its own "
+                    "--machine-rank (0 for the main machine); or " + queue)
         return BusyError(f"{what} {where}", f"let it finish, or {hint}")
 
     def orphans() -> BusyError:
@@ -200,6 +208,8 @@ def join(run_dir: Path) -> RunLock:
     """In each training process, for its lifetime: a shared hold that machine 0's next trainer
     sees, so processes that outlive their killed launcher are never trained over."""
     path = _workers_path(Path(run_dir).expanduser().resolve())
+    if fcntl is None:  # pragma: no cover - no shared locks there: the launcher's lock must do
+        return RunLock(path, None)
     return RunLock(path, _try_lock(path, block=True, shared=True))
 
 

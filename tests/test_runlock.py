@@ -84,6 +84,18 @@ def test_train_and_resume_exit_2_while_another_trainer_holds_the_run(cli, holder
     assert f"`lora resume {run} --wait`" in resume.stderr
 
 
+def test_a_run_folder_that_cannot_be_written_is_an_error_with_a_hint(cli, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    config = tmp_path / "style.toml"
+    config.write_text(f'[data]\ndir = "{tmp_path}"\n[train]\noutput_dir = '
+                      f'"{tmp_path / "file" / "run"}"\n', "utf-8")
+    result = cli("train", "--config", config)
+    assert result.exit_code == 1
+    assert f"error: cannot write the run's lock {tmp_path / 'file' / '.run.lock'}" \
+        in result.stderr
+    assert "hint: choose a folder you can write to" in result.stderr
+
+
 def test_wait_queues_until_the_holder_finishes(holder, tmp_path):
     run = tmp_path / "style"
     proc = holder(run)
