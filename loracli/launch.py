@@ -108,7 +108,12 @@ def layout(train, processes: int | None = None, machines: int | None = None,
         if profile_value != default:
             return profile_value
         value = file.get(key)
-        return default if value in (None, "") else type(default)(value)
+        try:
+            return default if value in (None, "") else type(default)(value)
+        except (TypeError, ValueError):
+            raise LoraError(f"{config}: {key} is {value!r}, not what accelerate expects",
+                            f"write it again with `accelerate config --config_file {config}`"
+                            ) from None
 
     n = pick(machines, train.num_machines, 1, "num_machines")
     rank = pick(machine_rank, train.machine_rank, 0, "machine_rank")

@@ -67,6 +67,10 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(LoraError, match="no such accelerate config file") as e:
         launch.layout(_train(), accelerate_config=str(tmp_path / "none.yaml"))
     assert "accelerate config --config_file" in e.value.hint
+    garbled = tmp_path / "garbled.yaml"
+    garbled.write_text("num_machines: lots\n", "utf-8")
+    with pytest.raises(LoraError, match="num_machines is 'lots', not what accelerate expects"):
+        launch.layout(_train(), accelerate_config=str(garbled))
 
 
 def test_command_of_machine_1_names_the_whole_world(tmp_path):

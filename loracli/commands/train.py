@@ -135,5 +135,6 @@ def train(
         else:
             run_dir = target.resolve()
             output.note(f"joining the run in {run_dir} as machine {where.machine_rank} of "
-                        f"{where.machines}; machine 0 shows the progress")
+                        f"{where.machines}: waiting for machine 0 at {where.main_process_ip}:"
+                        f"{where.main_process_port}, which shows the progress")
         report(run_with_progress(run_dir, where, keep_fds=lock.fds), json, str(run_dir), where)
