@@ -25,6 +25,7 @@ SHARED_TIMEOUT = 120.0  # seconds a machine waits to see machine 0's file (NFS c
 
 def check_world(where: Layout, state) -> None:
     """Stop when accelerate started another world than `where` asks for (all ranks agree)."""
+    import torch.distributed as dist
     from accelerate.utils import DistributedType
 
     got, mode = state.num_processes, state.distributed_type
@@ -41,8 +42,6 @@ def check_world(where: Layout, state) -> None:
                    f"{where.processes} per machine were asked for")
     elif machine != where.machine_rank:
         problem = f"machine {where.machine_rank} joined as machine {machine}"
-    import torch.distributed as dist
-
     if got > 1 and dist.is_initialized():
         problems = [None] * got
         dist.all_gather_object(problems, problem)
@@ -81,6 +80,8 @@ def check_shared(run_dir: Path, where: Layout, state, timeout: float | None = No
         try:
             seen = probe.read_text("utf-8") == token[0]
         except OSError:
+            pass
+        if not seen:
             time.sleep(0.2)
     views = [None] * state.num_processes
     dist.all_gather_object(views, (seen, where.machine_rank, socket.gethostname()))
