@@ -52,9 +52,12 @@ def check_world(where: Layout, state) -> None:
             hints.append(f"check distributed_type, num_processes and num_machines in "
                          f"{where.accelerate_config} (with distributed_type NO accelerate starts "
                          "one process), or leave out --accelerate-config")
-        if where.machines > 1 or not hints:
+        if where.machines > 1:
             hints.append("run the same command on every machine, with the same --processes and "
                          "--num-machines and each machine's own --machine-rank")
+        elif not hints:
+            hints.append("run `lora train` itself, not under torchrun or srun --ntasks>1, and "
+                         "with no WORLD_SIZE, RANK or LOCAL_RANK set in the environment")
         hint = "; ".join(hints)
         raise LoraError(problem, hint)
 
