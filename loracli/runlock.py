@@ -11,11 +11,13 @@ On several machines, machine 0 holds the run's lock (it creates or resumes the r
 r > 0 holds `output/.NAME.machine-R.lock`: every machine of one job trains, while an unrelated
 second `lora train` of the same run, or a second machine claiming the same rank, is refused.
 
+Training processes under `accelerate launch` run in sessions of their own and can outlive a
+killed `lora train`: each holds `output/.NAME.workers` shared (`join`), and machine 0 takes the
+run only when no such process is left.
+
 Why beside the folder and not inside it: `--restart` moves the run folder aside, and a new run
 starts at the same path; the lock belongs to the path, and is taken before the folder exists.
-Training processes under `accelerate launch` run in sessions of their own and can outlive a
-killed `lora train`: each holds `output/.NAME.workers` shared (`join`), and machine 0 takes the run
-only when no such process is left. On NFS, Linux maps flock to NFS locks (NFSv4, or v3 with lockd): every machine sees them, and the
+On NFS, Linux maps flock to NFS locks (NFSv4, or v3 with lockd): every machine sees them, and the
 server drops a dead client's lock when its lease ends.
 """
 
