@@ -88,7 +88,8 @@ def report(result, as_json: bool, run_arg: str, where=None) -> None:
 # Several machines: accelerate's own names; each machine runs the same command.
 MachinesOpt = typer.Option(None, "--num-machines", min=1,
                            help="Machines training together (--processes is per machine).")
-RankOpt = typer.Option(None, "--machine-rank", min=0, help="This machine's rank; 0 is the main one.")
+RankOpt = typer.Option(None, "--machine-rank", min=0,
+                       help="This machine's rank; 0 is the main one.")
 IpOpt = typer.Option(None, "--main-process-ip", help="Machine 0's address, seen by every machine.")
 PortOpt = typer.Option(None, "--main-process-port", min=0, max=65535,
                        help="Port on machine 0 where the machines meet (default 29500).")
