@@ -43,7 +43,7 @@ def check_commit(commit: object) -> str:
     """A commit sha: exactly 40 hex digits (returned in lower case)."""
     text = str(commit or "").strip().lower()
     if not SHA1_RE.match(text):
-        raise BadName(f"commit {shown(commit)!r} is not a 40-hex sha")
+        raise BadName(f"commit '{shown(commit)}' is not a 40-hex sha")
     return text
 
 
@@ -51,7 +51,7 @@ def check_digest(digest: object, what: str = "blob digest") -> str:
     """A blob name: a sha256 (64 hex, what LFS publishes) or a git blob sha1 (40 hex)."""
     text = str(digest or "").strip().lower()
     if not (SHA256_RE.match(text) or SHA1_RE.match(text)):
-        raise BadName(f"{what} {shown(digest)!r} is neither a sha256 (64 hex) nor a git sha1 (40 hex)")
+        raise BadName(f"{what} '{shown(digest)}' is neither a sha256 (64 hex) nor a git sha1 (40 hex)")
     return text
 
 
@@ -78,7 +78,7 @@ def check_rel_path(rel_path: object, what: str = "file path") -> str:
         elif any(PureWindowsPath(part).drive or PureWindowsPath(part).root for part in parts):
             problem = "has a drive or UNC prefix"
     if problem:
-        raise BadName(f"refusing {what} {shown(rel_path)!r}: it {problem} (it would leave the "
+        raise BadName(f"refusing {what} '{shown(rel_path)}': it {problem} (it would leave the "
                       "repository folder or cannot be a file name)")
     return p
 
@@ -96,7 +96,7 @@ def inside(root: Path, path: Path) -> Path:
 
 def repo_folder(repo_id: str, cache: Path | None = None) -> Path:
     if not re.match(r"^[\w.\-]+/[\w.\-]+$", repo_id or "") or ".." in repo_id:
-        raise BadName(f"repository id {shown(repo_id)!r} is not org/name")
+        raise BadName(f"repository id '{shown(repo_id)}' is not org/name")
     return Path(cache or paths.cache_dir()) / ("models--" + repo_id.replace("/", "--"))
 
 

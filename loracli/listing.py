@@ -48,11 +48,11 @@ def files_from_tree(client: Client, entries) -> list[RemoteFile]:
             lfs = e.get("lfs") if isinstance(e.get("lfs"), dict) else {}
             sha256 = lfs.get("oid")
             if sha256 is not None and not hubcache.SHA256_RE.match(str(sha256).lower()):
-                raise hubcache.BadName(f"LFS oid {hubcache.shown(sha256)!r} of {path} is not a sha256 "
+                raise hubcache.BadName(f"LFS oid '{hubcache.shown(sha256)}' of {path} is not a sha256 "
                                        "(64 hex)")
             oid = e.get("oid")
             if oid is not None and not hubcache.SHA1_RE.match(str(oid).lower()):
-                raise hubcache.BadName(f"git oid {hubcache.shown(oid)!r} of {path} is not a sha1 (40 hex)")
+                raise hubcache.BadName(f"git oid '{hubcache.shown(oid)}' of {path} is not a sha1 (40 hex)")
             if not (sha256 or oid):
                 raise _bad(client, f"no sha256 or git oid listed for {path}: it could not be verified")
             size = e.get("size", lfs.get("size"))

@@ -23,7 +23,15 @@ the first `times` matching requests (0: always):
 - `drop`: close the connection after `after` body bytes;   - `status`: answer `status` (500…);
 - `corrupt`: flip a byte of the body (the sha256 no longer matches);
 - `stall`: send `after` bytes, then go silent for `seconds`; - `escape`: list an extra file
-  `../../escape.txt` in the tree (a path that leaves the repository folder).
+  `../../escape.txt` in the tree (a path that leaves the repository folder);
+- `trickle`: send one byte every `seconds`, for at most `after` seconds, then hang up.
+Hostile hubs (tests of what a mirror must never make lora do):
+- `commit`: answer `value` as the commit sha (and serve the tree and files for any path);
+- `oid`: list `value` as the LFS oid (or git oid) of the files matching `path`;
+- `name`: list an extra file named `value`;
+- `echo`: answer API and file requests with `status`, echoing the Authorization header in
+  `X-Error-Code`, `X-Error-Message` and the body.
+`api_delay` (seconds) makes every API answer late (a slow mirror).
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ CHUNK = 1 << 16
 
 @dataclass
 class Fault:
-    kind: str  # drop | status | corrupt | stall | escape
+    kind: str  # drop | status | corrupt | stall | escape | trickle | commit | oid | name | echo
     path: str = "*"
+    value: str = ""
     times: int = 1
     after: int = 0
     status: int = 500
@@ -187,7 +196,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._static(path)
         if srv.layout == "files":
             return self._files(path)
+        if self._echo():
+            return
         m = re.match(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(?:/(.*))?$", path)
+        if m and srv.api_delay:
+            time.sleep(srv.api_delay)
         if m:
             if not self._authorized():
                 return
@@ -224,7 +237,36 @@ class _Handler(BaseHTTPRequestHandler):
                 headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(entry["size"])})
             source = folder / rel if not rel.startswith("../") else srv.escape_file
             return self._file(rel, source, headers)
+        if self._hostile(path):
+            return
         self._error(404, "RepoNotFound", "no such endpoint")
+
+    def _fault(self, kind: str):
+        return next((f for f in self.server.faults if f.kind == kind), None)
+
+    def _echo(self) -> bool:
+        fault = self._fault("echo")
+        if fault is None or not fault.take("*"):
+            return False
+        said = self.headers.get("Authorization", "")
+        self._send_json({"error": f"bad credentials {said}"}, fault.status,
+                        {"X-Error-Code": said, "X-Error-Message": f"you sent {said}"})
+        return True
+
+    def _hostile(self, path: str) -> bool:
+        """A hub that answers for its made-up commit whatever path the client asks for."""
+        if self._fault("commit") is None or len(self.server.repos) != 1:
+            return False
+        repo = next(iter(self.server.repos))
+        commit, entries, folder = self._repo(repo, "main")
+        if path.startswith("/api/"):
+            self._send_json(entries)
+            return True
+        entry = next((e for e in entries if e["type"] == "file" and path.endswith("/" + e["path"])), None)
+        if entry is None:
+            return False
+        self._file(entry["path"], folder / entry["path"], {"X-Repo-Commit": commit})
+        return True
 
     def _repo(self, repo: str, rev: str):
         folder = self.server.repos.get(repo)
@@ -232,6 +274,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RepoNotFound", f"{repo} not found")
             return None
         commit, entries = repo_listing(folder)
+        entries = self._lie(entries)
+        if self._fault("commit"):
+            commit = self._fault("commit").value
         if rev not in ("main", commit):
             self._error(404, "RevisionNotFound", f"revision {rev} not found")
             return None
@@ -242,6 +287,21 @@ class _Handler(BaseHTTPRequestHandler):
                 entries = entries + [{"type": "file", "oid": hashlib.sha1(b"blob 8\0" + data).hexdigest(),
                                       "size": len(data), "path": "../../escape.txt"}]
         return commit, entries, Path(folder)
+
+    def _lie(self, entries: list) -> list:
+        out = []
+        for e in entries:
+            fault = next((f for f in self.server.faults if f.kind == "oid" and e["type"] == "file"
+                          and fnmatch.fnmatchcase(e["path"], f.path)), None)
+            if fault and "lfs" in e:
+                e = {**e, "lfs": {**e["lfs"], "oid": fault.value}}
+            elif fault:
+                e = {**e, "oid": fault.value}
+            out.append(e)
+        for fault in self.server.faults:
+            if fault.kind == "name":
+                out.append({"type": "file", "oid": "0" * 40, "size": 3, "path": fault.value})
+        return out
 
     def _files(self, path: str):
         srv = self.server
@@ -285,7 +345,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.end_headers()
                     return self._record(status=416, sent=0, file=rel)
                 status = 206
-        fault = next((f for f in self.server.faults if f.kind in ("drop", "status", "corrupt", "stall")
+        fault = next((f for f in self.server.faults if f.kind in ("drop", "status", "corrupt", "stall",
+                                                                  "trickle")
                       and self.command == "GET" and f.take(rel)), None)
         if fault and fault.kind == "status":
             return self._error(fault.status, "ServerError", "injected failure", file=rel)
@@ -311,6 +372,10 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk = f.read(min(CHUNK, length - sent))
                     if not chunk:
                         break
+                    if fault and fault.kind == "trickle":
+                        sent += self._trickle(chunk, fault)
+                        self.close_connection = True
+                        break
                     if fault and fault.kind in ("drop", "stall") and sent + len(chunk) > fault.after:
                         chunk = chunk[: max(0, fault.after - sent)]
                         self.wfile.write(chunk)
@@ -333,6 +398,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(status=status, sent=sent, file=rel)
 
 
+    def _trickle(self, chunk: bytes, fault: Fault) -> int:
+        """One byte every `fault.seconds`, for at most `fault.after` seconds; bytes sent."""
+        sent, end = 0, time.monotonic() + (fault.after or 30)
+        for byte in chunk:
+            if self.server.closing or time.monotonic() > end:
+                break
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            sent += 1
+            time.sleep(fault.seconds)
+        return sent
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -348,7 +426,7 @@ class _Server(ThreadingHTTPServer):
 @contextmanager
 def serve(repos: dict | None = None, faults: list | None = None, *, layout: str = "hub",
           manifest: bool = True, token: str | None = None, static: Path | None = None,
-          delay: float = 0.0, ranges: bool = True):
+          delay: float = 0.0, ranges: bool = True, api_delay: float = 0.0):
     """Serve `{"org/name": folder}` on 127.0.0.1:<free port>; yields the base URL (a `Hub` str).
 
     `delay` sleeps that many seconds after each 64 KiB chunk (to kill a download half-way);
@@ -362,6 +440,7 @@ def serve(repos: dict | None = None, faults: list | None = None, *, layout: str 
     server.token = token
     server.static = Path(static) if static is not None else None
     server.delay = delay
+    server.api_delay = api_delay
     server.ranges = ranges
     server.log = []
     server.closing = False
