@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from loracli import paths, tiny
 from loracli.errors import LoraError
-from loracli.hubcache import (check_rel_path, commit_for, link_into_snapshot,  # noqa: F401 (callers
-                              model_lock, repo_folder, set_ref)               # use models.X too)
+from loracli.hubcache import blob_path, commit_for, inside, model_lock, repo_folder
+from loracli.hubcache import link_into_snapshot, set_ref  # noqa: F401 (callers use models.X)
 
 # The diffusers folders training needs, in safetensors only: no single-file checkpoints, no
 # safety checker (1.2 GB nobody trains), no pickles.
@@ -219,7 +219,7 @@ def install_tiny(name: str = "tiny-sd") -> Path:
         current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
         if current:
             return current
-        build = repo_dir / f".build-{os.getpid()}"
+        build = inside(cache, repo_dir / f".build-{os.getpid()}")
         shutil.rmtree(build, ignore_errors=True)
         tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
         (build / tiny.BUILD_FILE).write_text(build_id + "\n", "utf-8")
@@ -232,7 +232,7 @@ def install_tiny(name: str = "tiny-sd") -> Path:
                               .encode()).hexdigest()
         (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
         for rel, digest in digests.items():
-            blob = repo_dir / "blobs" / digest
+            blob = blob_path(repo_dir, digest)
             if not blob.exists():
                 os.replace(build / rel, blob)
             link_into_snapshot(repo_dir, commit, rel, digest)

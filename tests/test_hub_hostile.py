@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hub_fixtures import make_repo, online, repo  # noqa: F401 (fixtures)
+from hub_fixtures import online, repo  # noqa: F401 (fixtures)
 from hubserver import Fault, serve
 from loracli import models, sync
 

@@ -7,12 +7,19 @@ from typing import Optional
 
 import typer
 
-from loracli import models, output
+from loracli import output
 from loracli.hubview import human_size
+
+
+def _model_names(incomplete: str) -> list[str]:
+    from loracli import models
+
+    return models.complete_name(incomplete)
+
 
 app = typer.Typer(help="The model cache: list, verify (re-hash), rm.", no_args_is_help=True)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
-ModelArg = typer.Argument(..., help="Alias or org/name.", autocompletion=models.complete_name)
+ModelArg = typer.Argument(..., help="Alias or org/name.", autocompletion=_model_names)
 
 
 @app.command("list")
@@ -32,7 +39,7 @@ def list_(json: bool = JsonOpt) -> None:
 @app.command()
 def verify(
     model: Optional[str] = typer.Argument(None, help="One model (default: every cached model).",
-                                          autocompletion=models.complete_name),
+                                          autocompletion=_model_names),
     json: bool = JsonOpt,
 ) -> None:
     """Re-hash cached files; corrupt ones are deleted so `lora fetch` gets them again. A damaged

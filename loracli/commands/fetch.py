@@ -6,8 +6,14 @@ from typing import List, Optional
 
 import typer
 
-from loracli import models, output
+from loracli import output
 from loracli.hubview import Reporter, human_size
+
+
+def _model_names(incomplete: str) -> list[str]:
+    from loracli import models
+
+    return models.complete_name(incomplete)
 
 
 def _mirror_names(incomplete: str) -> list[str]:
@@ -19,7 +25,7 @@ def _mirror_names(incomplete: str) -> list[str]:
 def fetch(
     model: str = typer.Argument(..., help="Alias (sd15, sd21, sd21-base, sdxl, clip-vit-l-14, "
                                 "tiny-sd), org/name[@revision], or a hub URL.",
-                                autocompletion=models.complete_name),
+                                autocompletion=_model_names),
     mirror: Optional[str] = typer.Option(None, "--mirror", "-m", help="Mirror name or URL to try "
                                          "first (then the order of `lora mirror use`, or LORA_MIRROR).",
                                          autocompletion=_mirror_names),
