@@ -49,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from hubfaults import HostileHub
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5")
 CHUNK = 1 << 16
 
@@ -144,7 +146,7 @@ def manifest(repo_id: str, folder: Path) -> dict:
     return {"repo_id": repo_id, "revision": "main", "commit": commit, "files": files}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(HostileHub, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_Server"
 
@@ -241,33 +243,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._error(404, "RepoNotFound", "no such endpoint")
 
-    def _fault(self, kind: str):
-        return next((f for f in self.server.faults if f.kind == kind), None)
-
-    def _echo(self) -> bool:
-        fault = self._fault("echo")
-        if fault is None or not fault.take("*"):
-            return False
-        said = self.headers.get("Authorization", "")
-        self._send_json({"error": f"bad credentials {said}"}, fault.status,
-                        {"X-Error-Code": said, "X-Error-Message": f"you sent {said}"})
-        return True
-
-    def _hostile(self, path: str) -> bool:
-        """A hub that answers for its made-up commit whatever path the client asks for."""
-        if self._fault("commit") is None or len(self.server.repos) != 1:
-            return False
-        repo = next(iter(self.server.repos))
-        commit, entries, folder = self._repo(repo, "main")
-        if path.startswith("/api/"):
-            self._send_json(entries)
-            return True
-        entry = next((e for e in entries if e["type"] == "file" and path.endswith("/" + e["path"])), None)
-        if entry is None:
-            return False
-        self._file(entry["path"], folder / entry["path"], {"X-Repo-Commit": commit})
-        return True
-
     def _repo(self, repo: str, rev: str):
         folder = self.server.repos.get(repo)
         if folder is None:
@@ -287,21 +262,6 @@ class _Handler(BaseHTTPRequestHandler):
                 entries = entries + [{"type": "file", "oid": hashlib.sha1(b"blob 8\0" + data).hexdigest(),
                                       "size": len(data), "path": "../../escape.txt"}]
         return commit, entries, Path(folder)
-
-    def _lie(self, entries: list) -> list:
-        out = []
-        for e in entries:
-            fault = next((f for f in self.server.faults if f.kind == "oid" and e["type"] == "file"
-                          and fnmatch.fnmatchcase(e["path"], f.path)), None)
-            if fault and "lfs" in e:
-                e = {**e, "lfs": {**e["lfs"], "oid": fault.value}}
-            elif fault:
-                e = {**e, "oid": fault.value}
-            out.append(e)
-        for fault in self.server.faults:
-            if fault.kind == "name":
-                out.append({"type": "file", "oid": "0" * 40, "size": 3, "path": fault.value})
-        return out
 
     def _files(self, path: str):
         srv = self.server
@@ -396,19 +356,6 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         self._record(status=status, sent=sent, file=rel)
-
-
-    def _trickle(self, chunk: bytes, fault: Fault) -> int:
-        """One byte every `fault.seconds`, for at most `fault.after` seconds; bytes sent."""
-        sent, end = 0, time.monotonic() + (fault.after or 30)
-        for byte in chunk:
-            if self.server.closing or time.monotonic() > end:
-                break
-            self.wfile.write(bytes([byte]))
-            self.wfile.flush()
-            sent += 1
-            time.sleep(fault.seconds)
-        return sent
 
 
 class _Server(ThreadingHTTPServer):
