@@ -137,7 +137,7 @@ def describe(error: Exception, timeout: float, url: str) -> MirrorError:
         return MirrorError(f"stalled: no data from {host} for {timeout:g} s", state="stalled")
     if isinstance(reason, (u.ProtocolError, u.IncompleteRead, ConnectionError)):
         return MirrorError("connection dropped mid-transfer", state="dropped")
-    return MirrorError(f"network error talking to {host} (LORA_DEBUG=1 shows the details)", state="network")
+    return MirrorError(f"network error talking to {host}", state="network")
 
 
 def _port(scheme: str) -> int:
