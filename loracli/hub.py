@@ -97,7 +97,7 @@ def _fetch(model, mirror, revision, include, exclude, variant, strict, dry_run, 
            event, allow_stale, secret) -> dict:
     ref = models.resolve(model)
     if revision:
-        ref = replace(ref, revision=revision)
+        ref = replace(ref, revision=models.check_revision(revision, model))
     if ref.renamed_from:
         event({"event": "note", "message": f"{ref.renamed_from} was renamed; using {ref.repo_id}"})
     include = include or ref.include

@@ -81,7 +81,7 @@ def cached() -> list[dict]:
         recs = [r for r in tracked.values() if r["repo_id"] == repo_id]
         rec = recs[0] if recs else {}
         refs = _refs(repo_dir)
-        snapshots = [p.name for p in (repo_dir / "snapshots").iterdir()] \
+        snapshots = [p.name for p in (repo_dir / "snapshots").iterdir() if hubcache.SHA1_RE.match(p.name)] \
             if (repo_dir / "snapshots").is_dir() else []
         commit = rec.get("commit") or refs.get("main") or next(iter(refs.values()), "") \
             or (snapshots[0] if snapshots else "")

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from loracli import paths, tiny
 from loracli.errors import LoraError
-from loracli.hubcache import blob_path, commit_for, inside, model_lock, repo_folder
+from loracli.hubcache import blob_path, check_rel_path, commit_for, inside, model_lock, repo_folder
 from loracli.hubcache import link_into_snapshot, set_ref  # noqa: F401 (callers use models.X)
 
 # The diffusers folders training needs, in safetensors only: no single-file checkpoints, no
@@ -112,6 +112,7 @@ def resolve(model: str) -> ModelRef:
         text, revision = text.rsplit("@", 1)
         if not revision:
             raise LoraError(f"{model}: empty revision after '@'", f"lora fetch {text}")
+    check_revision(revision, text)
     renamed = None
     if text in OLD_NAMES:
         renamed, text = text, OLD_NAMES[text]
@@ -126,6 +127,14 @@ def resolve(model: str) -> ModelRef:
                         f"use one of {', '.join(ALIASES)} or org/name, e.g. "
                         "`lora fetch stabilityai/stable-diffusion-xl-base-1.0`")
     return ModelRef(text, revision, None, ("*",), False, endpoint)
+
+
+def check_revision(revision: str, model: str = "MODEL") -> str:
+    """A branch, tag or commit the user named: it becomes `refs/<revision>` in the cache."""
+    try:
+        return check_rel_path(revision, "revision")
+    except LoraError as e:
+        raise LoraError(e.message, f"lora fetch {model}   (a branch, tag or commit sha)") from None
 
 
 def _split_url(url: str) -> tuple[str, str]:
