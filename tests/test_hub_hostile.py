@@ -128,3 +128,28 @@ def test_the_token_a_hub_echoes_is_never_printed(cli, online, repo, monkeypatch)
         assert "you sent Bearer ***" in r.stdout + r.stderr  # the message is there, the token not
         assert secret not in r.stdout + r.stderr
     assert secret not in json.dumps(sync.load_status())
+
+
+def test_every_path_written_resolves_inside_the_cache(isolated):
+    """A folder on the way that links out of the cache (left by anything) is never written through."""
+    import pytest
+
+    from loracli import hubcache
+
+    outside = _outside(isolated)
+    repo_dir = models.repo_folder("org/tiny")
+    commit, digest = "c" * 40, "d" * 64
+    (repo_dir / "blobs").mkdir(parents=True)
+    (repo_dir / "blobs" / digest).write_bytes(b"weights")
+    (repo_dir / "snapshots" / commit).mkdir(parents=True)
+    (repo_dir / "snapshots" / commit / "unet").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(hubcache.BadName, match="resolves outside"):
+        hubcache.link_into_snapshot(repo_dir, commit, "unet/config.json", digest)
+    assert _files(outside) == {}
+    assert hubcache.link_into_snapshot(repo_dir, commit, "vae/config.json", digest).read_bytes() == b"weights"
+
+
+def test_a_revision_that_leaves_the_refs_folder_is_refused(cli, online):
+    r = cli("fetch", "org/tiny@../../../outside", "--mirror", "http://127.0.0.1:9")
+    assert r.exit_code == 1 and "refusing revision '../../../outside'" in r.stderr
+    assert "hint: lora fetch org/tiny" in r.stderr
