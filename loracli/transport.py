@@ -194,21 +194,27 @@ class Client:
     def chunks(self, mirror: Mirror, r, url: str, remaining: int | None = None):
         """The body of `r`, as it arrives, under the stall rule."""
         pace = Pace(self.timeout, remaining, urlsplit(url).hostname)
-        while True:
+        block, size, since = [], 0, time.monotonic()
+        while True:  # read1: whatever one recv brings, so a trickle is seen as it happens
             try:
                 chunk = r.read1(CHUNK)
             except self._urllib3.exceptions.HTTPError as e:
                 err = describe(e, self.timeout, url)
                 self.mark_down(mirror, err)
                 raise err from None
+            if chunk:
+                try:
+                    pace.add(len(chunk))
+                except MirrorError as err:
+                    self.mark_down(mirror, err)
+                    raise
+                block.append(chunk)
+                size += len(chunk)
+            if block and (not chunk or size >= CHUNK or time.monotonic() - since > 0.25):
+                yield block[0] if len(block) == 1 else b"".join(block)  # ~1 MiB: less Python per byte
+                block, size, since = [], 0, time.monotonic()
             if not chunk:
                 return
-            try:
-                pace.add(len(chunk))
-            except MirrorError as err:
-                self.mark_down(mirror, err)
-                raise
-            yield chunk
 
     def read(self, mirror: Mirror, r, url: str, limit: int = MAX_JSON) -> bytes:
         body = bytearray()
