@@ -196,23 +196,23 @@ class Client:
         pace = Pace(self.timeout, remaining, urlsplit(url).hostname)
         block, size, since = [], 0, time.monotonic()
         while True:  # read1: whatever one recv brings, so a trickle is seen as it happens
+            failure = None
             try:
                 chunk = r.read1(CHUNK)
-            except self._urllib3.exceptions.HTTPError as e:
-                err = describe(e, self.timeout, url)
-                self.mark_down(mirror, err)
-                raise err from None
-            if chunk:
-                try:
+                if chunk:
+                    block.append(chunk)
+                    size += len(chunk)
                     pace.add(len(chunk))
-                except MirrorError as err:
-                    self.mark_down(mirror, err)
-                    raise
-                block.append(chunk)
-                size += len(chunk)
+            except self._urllib3.exceptions.HTTPError as e:
+                failure, chunk = describe(e, self.timeout, url), b""
+            except MirrorError as e:
+                failure, chunk = e, b""
             if block and (not chunk or size >= CHUNK or time.monotonic() - since > 0.25):
                 yield block[0] if len(block) == 1 else b"".join(block)  # ~1 MiB: less Python per byte
                 block, size, since = [], 0, time.monotonic()
+            if failure is not None:  # what came before the failure is kept (a resume starts there)
+                self.mark_down(mirror, failure)
+                raise failure
             if not chunk:
                 return
 
