@@ -164,7 +164,7 @@ def remove(model: str, dry_run: bool = False) -> dict:
     with hubcache.model_lock(repo_dir):
         trash = hubcache.inside(cache, repo_dir.with_name(f".{repo_dir.name}.removing-{os.getpid()}"))
         os.replace(repo_dir, trash)  # atomic: readers see all of it or none
-        shutil.rmtree(trash)
+        _delete(trash)
     tracking.remove(ref.repo_id)
     return result
 
@@ -183,10 +183,18 @@ def prune(repo_id: str) -> int:
         live = set(_refs(repo_dir).values())
         for snap in (repo_dir / "snapshots").iterdir():
             if snap.name not in live:
-                shutil.rmtree(hubcache.inside(repo_dir, snap))
+                _delete(hubcache.inside(repo_dir, snap))
         used = {os.path.realpath(p) for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink()}
         for blob in (repo_dir / "blobs").iterdir():
             if str(blob.resolve()) not in used and not blob.name.endswith(".incomplete"):
                 freed += blob.stat().st_size
                 hubcache.inside(repo_dir, blob).unlink()
     return freed
+
+
+def _delete(path: Path) -> None:
+    """Remove a folder of the cache; a link in its place is removed, never followed."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
