@@ -105,7 +105,7 @@ def offline() -> bool:
 def _configured(config: dict) -> list[str] | None:
     if "mirror_order" in config:
         return [str(n) for n in config.get("mirror_order") or []]
-    if "default_mirror" in config or "fallbacks" in config:  # written by lora before 0.2
+    if "default_mirror" in config or "fallbacks" in config:  # the keys earlier versions wrote
         first = [config["default_mirror"]] if config.get("default_mirror") else []
         return list(dict.fromkeys(first + list(config.get("fallbacks", DEFAULT_ORDER))))
     return None
@@ -171,7 +171,10 @@ def candidates() -> list[Mirror]:
 
 def chain(chosen: str | None = None, strict: bool = False) -> list[Mirror]:
     """The mirrors to try, in order: the chosen one (`--mirror`), then the fallback order."""
-    names_, _ = order()
+    names_, source = order()
+    if source.startswith("fastest"):  # a mirror removed since the race is simply left out
+        known = all_mirrors()
+        names_ = [n for n in names_ if n in known or n.startswith(("http://", "https://"))]
     picked = [get(n) for n in ([chosen] if chosen else []) + names_]
     result: list[Mirror] = []
     for m in picked:
