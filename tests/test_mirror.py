@@ -190,3 +190,21 @@ def test_publish_tree_serves_a_files_kind_fetch_that_diffusers_loads(cli, online
 
     pipe = StableDiffusionPipeline.from_pretrained(models.local_snapshot("org/pipe"), local_files_only=True)
     assert pipe.text_encoder.config.hidden_size == 32
+
+
+def test_names_for_completion_are_cheap(isolated):
+    import subprocess
+    import sys
+
+    settings.save({"mirrors": {"corp": {"url": "https://hf.corp.example"}}})
+    (isolated["cache"] / "models--someorg--thing" / "snapshots").mkdir(parents=True)
+    code = ("import sys\nfrom loracli import mirrors, models\n"
+            "print(' '.join(models.names())); print(' '.join(mirrors.names()))\n"
+            "print(','.join(m for m in ('torch', 'diffusers', 'huggingface_hub', 'urllib3', 'filelock')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    aliases, names, heavy = out.stdout.split("\n")[:3]
+    assert aliases.split() == ["sd15", "sd21", "sd21-base", "sdxl", "clip-vit-l-14", "tiny-sd",
+                               "someorg/thing"]
+    assert names.split() == ["hf", "hf-mirror", "tuna", "corp"]
+    assert heavy == ""
