@@ -134,10 +134,63 @@ def describe(error: Exception, timeout: float, url: str) -> MirrorError:
         return MirrorError(f"no answer from {host} within {timeout:g} s (connection timed out)",
                            state="timeout")
     if isinstance(reason, (u.ReadTimeoutError, TimeoutError)) or "timed out" in text.lower():
+        if "read timeout=" in text:  # while waiting for the status line and headers
+            return MirrorError(f"stalled: no answer from {host} within {timeout:g} s", state="stalled")
         return MirrorError(f"stalled: no data from {host} for {timeout:g} s", state="stalled")
     if isinstance(reason, (u.ProtocolError, u.IncompleteRead, ConnectionError)):
         return MirrorError("connection dropped mid-transfer", state="dropped")
     return MirrorError(f"network error talking to {host}", state="network")
+
+
+_POOLS: dict = {}
+
+
+def _watched_pools() -> dict:
+    """urllib3 pools whose connections give the status line and headers `timeout` seconds in all:
+    a server trickling its headers a byte at a time never trips the socket's read timeout."""
+    if not _POOLS:
+        import socket
+        import threading
+
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        def watched(base):
+            class Watched(base):
+                def getresponse(self):
+                    sock, cut = self.sock, threading.Event()
+
+                    def hang_up() -> None:
+                        cut.set()
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+
+                    limit = self.timeout if isinstance(self.timeout, (int, float)) else None
+                    timer = threading.Timer(limit, hang_up) if limit else None
+                    if timer:
+                        timer.daemon = True
+                        timer.start()
+                    try:
+                        return super().getresponse()
+                    except Exception:
+                        if cut.is_set():  # seen by urllib3 as a read time-out
+                            raise TimeoutError("the answer's headers came too slowly") from None
+                        raise
+                    finally:
+                        if timer:
+                            timer.cancel()
+            return Watched
+
+        class Pool(HTTPConnectionPool):
+            ConnectionCls = watched(HTTPConnection)
+
+        class SPool(HTTPSConnectionPool):
+            ConnectionCls = watched(HTTPSConnection)
+
+        _POOLS.update(http=Pool, https=SPool)
+    return _POOLS
 
 
 def _port(scheme: str) -> int:
@@ -158,6 +211,7 @@ class Client:
             retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
             timeout=urllib3.Timeout(connect=min(self.timeout, 10.0), read=self.timeout),
         )
+        self.pool.pool_classes_by_scheme = _watched_pools()
         self._kinds: dict[str, str] = {}
         self.down: dict[str, MirrorError] = {}
 

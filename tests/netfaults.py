@@ -44,3 +44,44 @@ def silent():
         for conn in held:
             conn.close()
         server.close()
+
+
+@contextmanager
+def trickling_headers(interval: float = 0.3):
+    """A server that answers with a status line and headers one byte every `interval` seconds."""
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.1)
+    stop = threading.Event()
+    answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"z" * 2000 + b"\r\n\r\n"
+
+    def talk(conn) -> None:
+        with conn:
+            for i in range(len(answer)):
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(answer[i:i + 1])
+                except OSError:
+                    return
+                time.sleep(interval)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                continue
+            threading.Thread(target=talk, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()

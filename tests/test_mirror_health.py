@@ -9,7 +9,7 @@ import time
 from hub_fixtures import online, repo  # noqa: F401 (fixtures)
 from hubserver import Fault, serve
 from loracli import mirrors, models, settings
-from netfaults import UNRESOLVABLE, refused_url, silent
+from netfaults import UNRESOLVABLE, refused_url, silent, trickling_headers
 
 INTERNALS = ("urllib3", "HTTPConnection", "HTTPSConnection", "MaxRetryError", "NameResolutionError",
              "NewConnectionError", "Errno", "Traceback")
@@ -26,20 +26,23 @@ def _five_files(folder):
 
 
 def test_mirror_test_names_each_failure_and_exits_1_when_none_serves(cli, online, repo):
-    with serve({"org/tiny": repo}) as plain, silent() as quiet:
+    with serve({"org/tiny": repo}) as plain, silent() as quiet, trickling_headers() as slow:
         tls = plain.replace("http://", "https://")
-        r = cli("mirror", "test", UNRESOLVABLE, refused_url(), tls, quiet, "--model", "org/tiny",
+        start = time.monotonic()
+        r = cli("mirror", "test", UNRESOLVABLE, refused_url(), tls, quiet, slow, "--model", "org/tiny",
                 "--timeout", "1", "--json")
+        took = time.monotonic() - start
         human = cli("mirror", "test", UNRESOLVABLE, quiet, "--model", "org/tiny", "--timeout", "1")
     assert r.exit_code == 1
     doc = json.loads(r.stdout)  # one document: the error, and every row
     rows = doc["result"]
-    assert [x["state"] for x in rows] == ["dns", "refused", "tls", "stalled"]
+    assert [x["state"] for x in rows] == ["dns", "refused", "tls", "stalled", "stalled"]
     assert not any(x["reachable"] or x["serves_file"] for x in rows)  # no HTTP answer from any
     assert rows[0]["error"].startswith("DNS lookup failed: nonexistent.invalid does not resolve")
     assert rows[1]["error"].startswith("connection refused by 127.0.0.1:")
     assert rows[2]["error"] == "TLS failed with 127.0.0.1: the server does not speak TLS on that port"
-    assert rows[3]["error"] == "stalled: no data from 127.0.0.1 for 1 s"
+    assert rows[3]["error"] == rows[4]["error"] == "stalled: no answer from 127.0.0.1 within 1 s"
+    assert took < 15  # the trickled headers would take ten minutes
     assert human.exit_code == 1 and "error: no mirror serves" in human.stderr and "hint:" in human.stderr
     assert "DNS lookup failed" in human.stdout
     for text in (r.stdout + r.stderr, human.stdout + human.stderr):
