@@ -11,8 +11,9 @@ once at import, and its Xet path fetches bytes around a mirror. So here:
   once with the fastest kept (`health.fastest`); a mirror that fails or stalls is left for the rest
   of the fetch (`transport.Client.down`); the endpoint is passed per request.
 The result is the Hugging Face cache layout, so `from_pretrained(..., local_files_only=True)`,
-`hf_hub_download` offline and open_clip read it. This module, `listing`, `health`, `transport`
-and `download` are the only network code. Anything a server said is redacted of the token.
+`hf_hub_download` offline and open_clip read it. This module, `listing`, `health`, `transport`,
+`connections` and `download` are the only network code. Anything a server said is redacted of
+the token.
 """
 
 from __future__ import annotations

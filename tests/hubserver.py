@@ -30,7 +30,8 @@ Hostile hubs (tests of what a mirror must never make lora do):
 - `oid`: list `value` as the LFS oid (or git oid) of the files matching `path`;
 - `name`: list an extra file named `value`;
 - `echo`: answer API and file requests with `status`, echoing the Authorization header in
-  `X-Error-Code`, `X-Error-Message` and the body.
+  `X-Error-Code`, `X-Error-Message` and the body;
+- `link`: send the file list's next page as `value` (a URL, perhaps on another server).
 `api_delay` (seconds) makes every API answer late (a slow mirror).
 """
 
@@ -220,7 +221,8 @@ class _Handler(HostileHub, BaseHTTPRequestHandler):
             if "recursive=true" not in query.lower() and "recursive=1" not in query:
                 base = (sub.rstrip("/") + "/") if sub else ""
                 entries = [e for e in entries if "/" not in e["path"][len(base):]]
-            return self._send_json(entries)
+            link = self._fault("link")
+            return self._send_json(entries, headers={"Link": f'<{link.value}>; rel="next"'} if link else None)
         m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         if m:
             if not self._authorized():

@@ -153,3 +153,13 @@ def test_a_revision_that_leaves_the_refs_folder_is_refused(cli, online):
     r = cli("fetch", "org/tiny@../../../outside", "--mirror", "http://127.0.0.1:9")
     assert r.exit_code == 1 and "refusing revision '../../../outside'" in r.stderr
     assert "hint: lora fetch org/tiny" in r.stderr
+
+
+def test_a_next_page_on_another_server_is_not_followed(cli, online, repo, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_NeverLeavesTheMirror")
+    with serve({}) as elsewhere:
+        with serve({"org/tiny": repo}, faults=[Fault("link", value=f"{elsewhere}/steal")]) as url:
+            r = cli("fetch", "org/tiny", "--mirror", url, "--strict")
+        assert elsewhere.log == []  # neither asked nor given the token
+    _refused_cleanly(r)
+    assert "the next page of the file list is on another server" in r.stderr
