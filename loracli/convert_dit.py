@@ -171,3 +171,33 @@ def to_native(modules: list[LoraModule], layout: str, config: dict) -> list[Lora
         alpha = present[0].alpha * len(present) if uniform else float(rank)
         out.append(LoraModule("transformer", native, down, up, alpha))
     return out
+
+
+def native(modules: list[LoraModule], found: dict[str, dict], family, config_dir) -> tuple:
+    """(modules, base modules by component) as a kohya file names them for `family`.
+
+    For a family whose kohya layout is one of `LAYOUTS`, the transformer's modules are fused
+    and renamed (`to_native`) and the base model's own module names are renamed alike, so the
+    export's key check compares like with like; any other family passes through unchanged.
+    """
+    import json
+    from pathlib import Path
+
+    from loracli import families
+
+    family = families.get(family) if isinstance(family, str) else family
+    layout = family.kohya_unet_layout
+    if layout not in LAYOUTS:
+        return modules, found
+    path = Path(config_dir) / family.denoiser / "config.json"
+    config = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    renamed = dict(found)
+    if family.denoiser in found:
+        names = {}
+        for module, shape in found[family.denoiser].items():
+            try:
+                names.setdefault(native_name(module, layout)[0], shape)
+            except ConversionError:
+                continue  # a module with no native name cannot be in a kohya file anyway
+        renamed[family.denoiser] = names
+    return to_native(modules, layout, config), renamed

@@ -323,7 +323,7 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for name, module in model.trained.items():
-            if name != "unet":
+            if name != model.denoiser:
                 # non-reentrant: the frozen embeddings need no grad for the LoRA's to flow
                 module.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -345,7 +345,8 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     if saved:
         model.load_adapters(saved["adapters"])
     groups = [{"params": [p for p in module.parameters() if p.requires_grad],
-               "lr": t.learning_rate if name == "unet" else (t.text_encoder_lr or t.learning_rate)}
+               "lr": t.learning_rate if name == model.denoiser
+               else (t.text_encoder_lr or t.learning_rate)}
               for name, module in model.trained.items()]
     optimizer = _optimizer(t, groups, cuda)
     lr_scheduler = _scheduler(t, optimizer, max_steps)
@@ -356,7 +357,7 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     names = list(model.trained)
     prepared = accelerator.prepare(*model.trained.values(), optimizer)
     wrapped, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
-    unet = wrapped["unet"]
+    unet = wrapped[model.denoiser]
     if model.trains_text:  # encode through the DDP wrappers so gradients sync
         model.encoders = [wrapped.get(n, e)
                           for n, e in zip(model.family.text_encoders, model.encoders)]
