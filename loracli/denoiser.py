@@ -109,6 +109,19 @@ class Model:
                 raise LoraError(f"checkpoint {name} adapter does not fit this model "
                                 f"({len(result.unexpected_keys)} unknown keys)")
 
+    def release_text_encoders(self) -> None:
+        """Drop the frozen text encoders once their outputs are cached (FLUX's T5-XXL is 9 GB in
+        bf16): nothing here holds them afterwards, so their memory is freed."""
+        import gc
+
+        frozen = [n for n in self.family.text_encoders if n not in self.trained]
+        if len(frozen) < len(self.family.text_encoders):
+            return  # a trained encoder encodes every step: keep them all
+        for name in frozen:
+            self.parts[name] = None
+        self.encoders = []
+        gc.collect()
+
     def encode_text(self, captions: list[str]) -> dict:
         return self.family.encode(self.encoders, self.tokenizers, captions, self.device)
 

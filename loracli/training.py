@@ -316,8 +316,11 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     if batches.latents is not None:  # the VAE is not needed again: free its memory
         model.vae.to("cpu")
     if batches.text is not None:
-        for encoder in model.encoders:
-            encoder.to("cpu")
+        if profile.sample.every_steps and profile.sample.prompts:
+            for encoder in model.encoders:  # the sample pipeline still needs them
+                encoder.to("cpu")
+        else:
+            model.release_text_encoders()
     if cuda:
         torch.cuda.empty_cache()
     if t.gradient_checkpointing:
