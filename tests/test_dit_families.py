@@ -169,3 +169,13 @@ def test_sd3_draws_logit_normal_sigmas_on_its_shifted_schedule():
     # while FLUX's uniform density maps step t to index t
     flux = families.get("flux-schnell").objective("flow_matching")
     assert torch.equal(flux.indices(every, scheduler), every)
+
+
+def test_presets_train_the_family_defaults():
+    from loracli import profiles
+
+    flux, sd35 = profiles.load("flux"), profiles.load("sd35")
+    assert (flux.model.base, sd35.model.base) == ("flux-dev", "sd35-large")
+    assert tuple(flux.lora.targets) == families.get("flux-dev").unet_targets
+    assert tuple(sd35.lora.targets) == families.get("sd35-large").unet_targets
+    assert flux.train.mixed_precision == "bf16" and flux.train.cache_text

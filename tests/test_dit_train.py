@@ -173,9 +173,14 @@ def test_sd35_trains_its_clip_encoders_and_exports_for_diffusers(tmp_path, cli):
     path = write_profile(tmp_path / "sd3.toml", base, data, tmp_path / "out",
                          lora={"targets": list(fam.unet_targets), "train_text_encoder": True,
                                "rank": 4, "alpha": 8},
-                         train={"max_steps": 2, "save_steps": 2, "learning_rate": 1e-2})
+                         train={"max_steps": 2, "save_steps": 2, "learning_rate": 1e-2},
+                         sample={"prompts": ["a red square"], "every_steps": 2, "steps": 2})
     r = cli("train", "--config", str(path))
     assert r.exit_code == 0, r.stderr
+    from PIL import Image
+
+    sample = Image.open(tmp_path / "out" / "samples" / "step-000002-00.png")
+    assert sample.size == (64, 64) and len(set(sample.getdata())) > 1  # StableDiffusion3Pipeline
     ckpt = runs.latest(tmp_path / "out").path
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == \
         ["text_encoder", "text_encoder_2", "transformer"]  # never T5
