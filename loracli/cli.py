@@ -138,10 +138,10 @@ def _register() -> None:
 
     command("demo", demo.demo)
     command("fetch", fetch.fetch)
-    app.add_typer(mirror.app, name="mirror")
-    app.add_typer(cache.app, name="cache")
+    app.add_typer(mirror.app, name="mirror", epilog=examples.block("mirror"))
+    app.add_typer(cache.app, name="cache", epilog=examples.block("cache"))
     command("caption", caption.caption)
-    app.add_typer(profile.app, name="profile")
+    app.add_typer(profile.app, name="profile", epilog=examples.block("profile"))
     command("train", train.train)
     command("resume", resume.resume)
     command("export", export.export)
@@ -173,7 +173,11 @@ def run(argv: list[str] | None = None) -> int:
         previous = None
     try:
         code = app(args=args, prog_name="lora", standalone_mode=False)
+        if code == Interrupted.exit_code:  # Typer's answer to a KeyboardInterrupt it caught
+            return _interrupted(None, as_json, args)
         return code if isinstance(code, int) else 0
+    except SystemExit as e:  # a command that reported its own outcome (a run stopped by Ctrl+C)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # noqa: BLE001 - mapped by the table, the last row catches all
         handler = next(h for kinds, h in ERRORS if isinstance(e, kinds))
         return handler(e, as_json, args)

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from loracli import output
+from loracli.options import CachedModelArg
 
 app = typer.Typer(help="The model cache: list, verify (re-hash), rm.", no_args_is_help=True)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
@@ -51,7 +52,7 @@ def _render(reports: list[dict]) -> None:
 
 
 @app.command()
-def rm(model: str = typer.Argument(..., help="Alias or org/name."), json: bool = JsonOpt) -> None:
+def rm(model: CachedModelArg, json: bool = JsonOpt) -> None:
     """Remove a model from the cache (every revision) and stop tracking it."""
     from loracli import models
     from loracli.commands.fetch import _size

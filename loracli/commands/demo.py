@@ -45,7 +45,7 @@ def demo(
     document = {**result.to_dict(), "next": again if result.status == "interrupted" else None}
     output.emit(document, json, _render)
     if result.status == "interrupted":
-        raise typer.Exit(130)
+        sys.exit(130)  # reported above, with the command that continues it
 
 
 def _render(r: dict) -> None:

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from loracli import output
+from loracli.options import MirrorOpt, ModelArg
 
 
 class Reporter:
@@ -66,10 +67,8 @@ def _size(n: int) -> str:
 
 
 def fetch(
-    model: str = typer.Argument(..., help="Alias (sd15, sd21, sd21-base, sdxl, clip-vit-l-14, "
-                                "tiny-sd), org/name[@revision], or a hub URL."),
-    mirror: Optional[str] = typer.Option(None, "--mirror", "-m", help="Mirror name or URL "
-                                         "(default: `lora mirror use`, or LORA_MIRROR)."),
+    model: ModelArg,
+    mirror: MirrorOpt = None,
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit sha."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Glob of files to take "
                                                 "(repeatable; default: the diffusers folders, safetensors)."),

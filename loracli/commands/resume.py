@@ -24,4 +24,4 @@ def resume(
     where = f"from step {job.start_step}" if job.start_step else "from the start (no checkpoint yet)"
     output.note(f"resuming {job.run_dir} {where}")
     result, seconds = trainview.train(job, live=output.is_terminal(sys.stderr))
-    raise typer.Exit(trainview.report(result, seconds, run, json))
+    sys.exit(trainview.report(result, seconds, run, json))  # 130: stopped, saved

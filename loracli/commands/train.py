@@ -27,4 +27,4 @@ def train(
         output.note(f"continuing the run in {job.run_dir} from step {job.start_step} "
                     "(same profile)")
     result, seconds = trainview.train(job, live=output.is_terminal(sys.stderr))
-    raise typer.Exit(trainview.report(result, seconds, job.run_arg, json))
+    sys.exit(trainview.report(result, seconds, job.run_arg, json))  # 130: stopped, saved
