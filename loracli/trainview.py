@@ -51,11 +51,12 @@ class Window:
         return len(self.steps) / total, sum(i for _, i in self.steps) / total
 
 
-def header(info: dict) -> str:
-    """One line saying what is being trained, from the trainer's `on_start` info."""
+def header_parts(info: dict) -> list[str]:
+    """What is being trained, from the trainer's `on_start` info, as short phrases."""
     base = info.get("base") or "?"
     family = info.get("family")
-    parts = [f"run {info.get('run', '?')}", f"base {base}" + (f" ({family})" if family else "")]
+    parts = [f"training: run {info.get('run', '?')}",
+             f"base {base}" + (f" ({family})" if family else "")]
     if info.get("images") is not None:
         parts.append(f"{info['images']} images")
     if info.get("resolution"):
@@ -68,7 +69,28 @@ def header(info: dict) -> str:
         parts.append(f"{info.get('max_steps', '?')} steps")
     if (info.get("processes") or 1) > 1:
         parts.append(f"{info['processes']} processes")
-    return "training: " + " · ".join(parts)
+    return parts
+
+
+def header(info: dict) -> str:
+    return " · ".join(header_parts(info))
+
+
+def pack(parts: list[str], width: int, sep: str = "  ") -> list[str]:
+    """`parts` joined by `sep` into lines no wider than `width`; a part never splits unless it
+    alone is too wide (then it is cut with …)."""
+    lines, line = [], ""
+    for part in parts:
+        candidate = f"{line}{sep}{part}" if line else part
+        if len(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = _fit(part, width)
+    if line:
+        lines.append(line)
+    return lines
 
 
 class View:
@@ -169,9 +191,17 @@ class LiveView(View):
             self.live.stop()
         return False
 
+    def on_start(self, info: dict) -> None:
+        self.info = dict(info)
+        if self.live is None:
+            return super().on_start(info)
+        for line in pack(header_parts(self.info), self.live.console.width, " · "):
+            self.say(line)
+
     def say(self, message: str) -> None:
         if self.live is not None:
-            self.live.console.print(message, markup=False, highlight=False)
+            # wrapped at the terminal's width, at spaces (a long path folds)
+            self.live.console.print(message, markup=False, highlight=False, soft_wrap=False)
         else:
             output.note(message)
 
@@ -200,17 +230,7 @@ class LiveView(View):
             out.append(f"{step}  {eta}")
         else:
             out += [_fit(step, width), _fit(eta, width)]
-        line = ""
-        for f in rest:
-            candidate = f"{line}  {f}" if line else f
-            if len(candidate) <= width:
-                line = candidate
-            else:
-                if line:
-                    out.append(line)
-                line = _fit(f, width)
-        if line:
-            out.append(line)
+        out += pack(rest, width)
         return out
 
 

@@ -41,3 +41,37 @@ def test_demo_never_overwrites_a_folder_it_did_not_make(cli, tmp_path):
     result = cli("demo", "--output", precious)
     assert result.exit_code == 1 and "was not made by `lora demo`" in result.stderr
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_ctrl_c_exits_130_and_running_it_again_finishes_with_the_grid(cli, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "demo"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "loracli", "demo", "-o", str(out), "--steps",
+                             "8", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+    for line in proc.stderr:  # Ctrl+C once training is under way
+        if line.startswith("train:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr
+    stopped = json.loads(stdout)
+    assert stopped["status"] == "interrupted" and 0 < stopped["steps"] < 8
+    assert stopped["next"] == f"lora demo --output {out} --steps 8"
+    assert f"`lora demo --output {out} --steps 8` continues it" in stderr
+    assert "internal error" not in stderr and not (out / "before_after.png").exists()
+
+    again = cli("demo", "--output", out, "--steps", "8", "--json")
+    assert again.exit_code == 0, again.stderr
+    finished = json.loads(again.stdout)
+    assert finished["resumed_from"] == stopped["steps"] and finished["steps"] == 8
+    assert f"continuing the demo's run from step {stopped['steps']}" in again.stderr
+    grid = Image.open(finished["grid"])
+    assert grid.size[0] > 200
+    assert (out / "data" / "circle_00.png").is_file()  # the data was kept, not made again

@@ -42,17 +42,17 @@ def demo(
                               on_warning=output.warn, stop=stop, max_steps=steps,
                               on_start=shown.on_start, on_status=shown.on_status)
     again = f"lora demo --output {out}" + (f" --steps {steps}" if steps else "")
-    document = {**result.to_dict(), "next": again if result.status == "interrupted" else None}
-    output.emit(document, json, _render)
-    if result.status == "interrupted":
-        sys.exit(130)  # reported above, with the command that continues it
+    stopped = result.status == "interrupted"
+    document = {**result.to_dict(), "next": again if stopped else None}
+    if stopped:
+        output.note(f"demo stopped at step {result.steps}; `{again}` continues it from there "
+                    "and ends with the before/after grid")
+    output.emit(document, json, (lambda r: None) if stopped else _render)
+    if stopped:
+        sys.exit(130)
 
 
 def _render(r: dict) -> None:
-    if r["status"] == "interrupted":
-        output.note(f"demo stopped at step {r['steps']}; `{r['next']}` continues it from there "
-                    "and ends with the before/after grid")
-        return
     output.note(f"denoising loss on your pictures: base {r['base_loss']:.4f} -> "
                 f"with the LoRA {r['lora_loss']:.4f}")
     print(f"lora file:   {r['lora']}")
