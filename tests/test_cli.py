@@ -149,8 +149,6 @@ def test_set_errors_are_named_as_set_errors_with_exit_2(cli, command):
 
 
 def _commands(command, path=()):
-    import typer
-
     yield path
     for name, sub in getattr(command, "commands", {}).items():
         yield from _commands(sub, path + (name,))
@@ -210,3 +208,25 @@ def test_the_error_path_uses_no_typer_internals():
     source = (Path(__file__).resolve().parent.parent / "loracli" / "cli.py").read_text()
     assert "typer.core" not in source and "_click" not in source and "TyperGroup" not in source
     assert "standalone_mode=False" in source
+
+
+def test_readme_documents_the_json_of_every_command():
+    from pathlib import Path
+
+    import typer
+
+    from loracli.cli import app
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    section = readme.split("## JSON output", 1)[1].split("\n## ", 1)[0]
+    root = typer.main.get_command(app)
+    with_json = []
+    for path in _commands(root):
+        command = root
+        for name in path:
+            command = command.commands[name]
+        if any("--json" in getattr(p, "opts", ()) for p in command.params):
+            with_json.append("lora " + " ".join(path))
+    assert len(with_json) > 20
+    for name in with_json:
+        assert f"| `{name}` |" in section, f"README's JSON output section lacks {name}"
