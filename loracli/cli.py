@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import traceback
 
@@ -24,7 +23,7 @@ from loracli.errors import LoraError
 
 
 class Interrupted(LoraError):
-    """Ctrl+C outside the training loop (which saves and stops on its own): exit 130."""
+    """How Ctrl+C is reported outside the training loop (which saves and stops on its own)."""
 
     exit_code = 130
 
@@ -94,7 +93,6 @@ except AttributeError:  # pragma: no cover - an older Typer on top of click
 
 # The one table from exception to outcome, most specific first.
 ERRORS = (
-    (Interrupted, _interrupted),
     (LoraError, _user_error),
     (USAGE_ERRORS, _usage_error),
     ((KeyboardInterrupt, typer.Abort), _interrupted),
@@ -155,10 +153,6 @@ def _register() -> None:
 _register()
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted("interrupted")
-
-
 def run(argv: list[str] | None = None) -> int:
     """Run `lora ARGS…` and return its exit status; every exception is mapped by `ERRORS`."""
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -167,10 +161,6 @@ def run(argv: list[str] | None = None) -> int:
         from typer.completion import completion_init  # registers bash/zsh/fish (Typer < 0.30)
 
         completion_init()
-    try:  # Ctrl+C as our own exception, so that it reaches the table (the trainer sets its own)
-        previous = signal.signal(signal.SIGINT, _raise_interrupted)
-    except ValueError:  # not the main thread
-        previous = None
     try:
         code = app(args=args, prog_name="lora", standalone_mode=False)
         if code == Interrupted.exit_code:  # Typer's answer to a KeyboardInterrupt it caught
@@ -183,9 +173,6 @@ def run(argv: list[str] | None = None) -> int:
         return handler(e, as_json, args)
     except KeyboardInterrupt as e:
         return _interrupted(e, as_json, args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -230,3 +230,15 @@ def test_readme_documents_the_json_of_every_command():
     assert len(with_json) > 20
     for name in with_json:
         assert f"| `{name}` |" in section, f"README's JSON output section lacks {name}"
+
+
+@pytest.mark.parametrize("module", ["train", "resume", "demo", "profile", "completion",
+                                    "doctor", "caption"])
+def test_a_command_never_imports_a_sibling_command(module):
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "loracli" / "commands" / f"{module}.py")
+    for node in ast.walk(ast.parse(source.read_text("utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            assert not (node.module or "").startswith("loracli.commands"), (module, node.module)
