@@ -9,7 +9,7 @@ import subprocess
 
 import typer
 
-from loracli import completers, output, profiles
+from loracli import completers, output
 from loracli.errors import LoraError
 from loracli.options import JsonOpt, ProfileNameArg, ProfileOrFileArg, SetOpt
 
@@ -17,6 +17,8 @@ app = typer.Typer(help="Training profiles: list, show, create, edit, validate.",
 
 
 def _description(name: str, path) -> str:
+    from loracli import profiles
+
     text = profiles.preset_text(name) if path is None else path.read_text("utf-8", "replace")
     first = text.lstrip("\ufeff").splitlines()[0] if text.strip() else ""
     return first.split("—", 1)[-1].strip() if first.startswith("#") else ""
@@ -25,6 +27,8 @@ def _description(name: str, path) -> str:
 @app.command("list")
 def list_(json: JsonOpt = False) -> None:
     """List built-in presets and your profiles."""
+    from loracli import profiles
+
     rows = []
     user = set(profiles.user_names())
     for name in profiles.names():
@@ -45,6 +49,8 @@ def show(
     json: JsonOpt = False,
 ) -> None:
     """Print a profile (the file with its comments, or --resolved values)."""
+    from loracli import profiles
+
     if json or resolved or set_:
         profile = profiles.load(name, set_ or [])
         output.emit(profile.to_dict(), json, lambda _: print(profile.to_toml(), end=""))
@@ -61,6 +67,8 @@ def new(
     json: JsonOpt = False,
 ) -> None:
     """Create a profile from a preset, comments included."""
+    from loracli import profiles
+
     path = profiles.create(name, from_, force=force)
     output.note(f"created profile {name} from {from_}; edit it with `lora profile edit {name}`")
     output.emit({"name": name, "path": str(path)}, json, lambda r: print(r["path"]))
@@ -69,6 +77,8 @@ def new(
 @app.command()
 def edit(name: ProfileNameArg) -> None:
     """Open a profile in $VISUAL/$EDITOR, then validate it."""
+    from loracli import profiles
+
     target = profiles.user_file(name)
     if not target.is_file():
         source = name if name in profiles.names() else "default"
@@ -100,6 +110,8 @@ def validate(
     json: JsonOpt = False,
 ) -> None:
     """Check a profile strictly; list every problem at once."""
+    from loracli import profiles
+
     profile = profiles.load(name_or_path, set_ or [])
     output.emit({"name": profile.name, "valid": True, "profile": profile.to_dict()}, json,
                 lambda _: print(f"{name_or_path}: valid"))
@@ -108,6 +120,8 @@ def validate(
 @app.command()
 def path(name: ProfileNameArg, json: JsonOpt = False) -> None:
     """Print where a profile's file is."""
+    from loracli import profiles
+
     found, file = profiles.locate(profiles.check_name(name))
     where = file or (profiles.preset_dir() / f"{found}.toml")
     output.emit({"name": found, "path": str(where), "preset": file is None}, json,
@@ -117,6 +131,8 @@ def path(name: ProfileNameArg, json: JsonOpt = False) -> None:
 @app.command()
 def rm(name: ProfileNameArg, json: JsonOpt = False) -> None:
     """Delete one of your profiles (presets cannot be deleted)."""
+    from loracli import profiles
+
     removed = profiles.remove(name)
     output.note(f"removed {removed}")
     output.emit({"name": name, "path": str(removed)}, json, lambda r: None)
