@@ -63,10 +63,13 @@ def header_parts(info: dict) -> list[str]:
         parts.append(f"{info['resolution']} px")
     if info.get("batch_size"):
         parts.append(f"batch {info['batch_size']}")
-    if info.get("start_step"):
-        parts.append(f"steps {info['start_step']}→{info.get('max_steps', '?')}")
+    planned = info.get("max_steps", "?")
+    if isinstance(planned, str):  # "3 epochs", before the trainer has counted the steps
+        parts.append(planned)
+    elif info.get("start_step"):
+        parts.append(f"steps {info['start_step']}→{planned}")
     else:
-        parts.append(f"{info.get('max_steps', '?')} steps")
+        parts.append(f"{planned} steps")
     if (info.get("processes") or 1) > 1:
         parts.append(f"{info['processes']} processes")
     return parts
