@@ -115,5 +115,6 @@ def plain_progress(every: int = 0) -> Callable[[dict], None]:
 
     return trainview.PlainView(every).on_step
 
+
 if __name__ == "__main__":
     sys.exit(_worker())
