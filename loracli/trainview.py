@@ -187,9 +187,10 @@ class LiveView(View):
         self.live.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.live is not None:
-            self.status = None if self.metrics else self.status
+            if self.metrics or exc_type is not None:  # the status line has had its day
+                self.status = None
             self.live.refresh()
             self.live.stop()
         return False
