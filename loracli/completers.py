@@ -7,9 +7,12 @@ folders and small TOML/JSON files and import nothing heavy (no torch, no hugging
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Callable
+
+LIMIT = 500  # entries looked at per folder: a <TAB> in a huge folder must still answer at once
 
 
 def _quiet(function: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
@@ -70,14 +73,14 @@ def _run_folders(incomplete: str) -> list[Path]:
     base = typed if incomplete.endswith(("/", os.sep)) else typed.parent
     found = []
     if base.is_dir():
-        for child in base.iterdir():
-            if not child.is_dir() or child.name.startswith("."):
-                continue
+        children = [c for c in itertools.islice(base.iterdir(), LIMIT)
+                    if c.is_dir() and not c.name.startswith(".")]
+        for child in children:
             if (child / "run.json").is_file():
                 found.append(child)
-            else:
-                found += [g for g in child.iterdir() if (g / "run.json").is_file()] \
-                    if os.access(child, os.R_OK) else []
+            elif os.access(child, os.R_OK | os.X_OK):
+                found += [g for g in itertools.islice(child.iterdir(), LIMIT)
+                          if (g / "run.json").is_file()]
     return found
 
 
