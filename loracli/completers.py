@@ -47,8 +47,11 @@ def _cached_repos() -> list[str]:
 
 @_quiet
 def cached_models(incomplete: str) -> list[str]:
-    """Models in the cache, as org/name."""
-    return _cached_repos()
+    """Models in the cache, as org/name, and the alias of each one that has one (sd15)."""
+    from loracli import models as names
+
+    repos = _cached_repos()
+    return repos + [alias for alias, a in names.ALIASES.items() if a.repo_id in repos]
 
 
 @_quiet
