@@ -168,11 +168,9 @@ def run(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0
     except SystemExit as e:  # a command that reported its own outcome (a run stopped by Ctrl+C)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception as e:  # noqa: BLE001 - mapped by the table, the last row catches all
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the table's last row takes all
         handler = next(h for kinds, h in ERRORS if isinstance(e, kinds))
         return handler(e, as_json, args)
-    except KeyboardInterrupt as e:
-        return _interrupted(e, as_json, args)
 
 
 def main(argv: list[str] | None = None) -> None:
