@@ -23,6 +23,7 @@ from pathlib import Path
 from loracli import output
 
 WINDOW = 20  # steps the speed and ETA are averaged over
+UNITS = ("it/s", "img/s")  # fields whose label reads as a unit after the value
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
@@ -105,7 +106,6 @@ class View:
         self.metrics: dict | None = None
         self.status: str | None = "loading the model and caching latents"
         self.window = Window()
-        self.first_step: int | None = None
 
     # --- the trainer's callbacks
     def on_start(self, info: dict) -> None:
@@ -116,11 +116,10 @@ class View:
         self.status = text
 
     def on_step(self, m: dict) -> None:
-        if self.first_step is None:
-            self.first_step = m["step"] - 1
         self.metrics = m
         self.status = None
-        self.window.add(m.get("seconds") or 0.0, (m.get("images_per_s") or 0) * (m.get("seconds") or 0))
+        seconds = m.get("seconds") or 0.0
+        self.window.add(seconds, (m.get("images_per_s") or 0.0) * seconds)
         if "checkpoint" in m:
             self.say(f"saved {m['checkpoint']}")
 
@@ -142,6 +141,11 @@ class View:
                 ("img/s", f"{img_s:.1f}" if img_s else "-"),
                 ("memory", f"{m['memory_mib']:.0f} MiB"),
                 ("elapsed", clock(time.monotonic() - self.started))]
+
+    def labelled(self) -> list[str]:
+        """The fields as people read them: `step 81/300`, `loss 0.0426`, but `4.98 it/s`."""
+        return [f"{value} {label}" if label in UNITS else f"{label} {value}"
+                for label, value in self.fields()]
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -168,7 +172,7 @@ class PlainView(View):
         super().on_step(m)
         n = self.every or max(1, m["max_steps"] // 100)
         if m["step"] % n == 0 or m["step"] == m["max_steps"] or "checkpoint" in m:
-            self.say("  ".join(f"{label} {value}" for label, value in self.fields()))
+            self.say("  ".join(self.labelled()))
 
 
 class LiveView(View):
@@ -215,9 +219,7 @@ class LiveView(View):
         if self.status:
             spin = SPINNER[int(time.monotonic() * 8) % len(SPINNER)]
             out.append(_fit(f"{spin} {self.status} · {clock(self.elapsed())}", width))
-        fields = [f"{label} {value}" if label in ("step", "ETA", "loss", "epoch", "lr", "memory",
-                                                   "elapsed") else f"{value} {label}"
-                  for label, value in self.fields()]
+        fields = self.labelled()
         if not fields:
             return out
         step, eta, rest = fields[0], fields[1], fields[2:]

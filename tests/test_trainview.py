@@ -158,7 +158,7 @@ def test_plain_view_is_labelled_lines(capsys):
                       "steps 2→4")
     assert err[1] == "caching latents"
     assert err[2].startswith("step 4/4  ETA 0:00:00  loss 0.1000  epoch 1.00  lr 1.0e-04  "
-                             "it/s 2.00  img/s 4.0  memory 10 MiB  elapsed ")
+                             "2.00 it/s  4.0 img/s  memory 10 MiB  elapsed ")
     assert "\x1b[" not in "\n".join(err)
 
 
