@@ -101,7 +101,7 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     """
     import time
 
-    from loracli import export, jobs, models, training
+    from loracli import export, jobs, launch, models, training
 
     stage = on_stage or (lambda _m: None)
     folder = Path(folder).resolve()
@@ -128,7 +128,8 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
         make_dataset(data)
         stage(f"data: {IMAGES} pictures of red discs with captions \"{CAPTION}\" in {data}")
         run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
-    job = jobs.Job(run_dir, 1, resumed, jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
+    job = jobs.Job(run_dir, launch.Layout(), resumed,
+                   jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
     if resumed:
         stage(f"train: continuing the demo's run from step {job.start_step}")
     else:

@@ -59,3 +59,18 @@ MirrorArg = Annotated[str, typer.Argument(
 TimeoutOpt = Annotated[Optional[float], typer.Option(
     "--timeout", help="Seconds without data before a mirror counts as stalled "
                       "(default 30, or LORA_TIMEOUT).")]
+
+# several machines: accelerate's own names; each machine runs the same command
+MachinesOpt = Annotated[Optional[int], typer.Option(
+    "--num-machines", min=1, help="Machines training together (--processes is per machine).")]
+RankOpt = Annotated[Optional[int], typer.Option(
+    "--machine-rank", min=0, help="This machine's rank; 0 is the main one.")]
+IpOpt = Annotated[Optional[str], typer.Option(
+    "--main-process-ip", help="Machine 0's address, seen by every machine.")]
+PortOpt = Annotated[Optional[int], typer.Option(
+    "--main-process-port", min=0, max=65535,
+    help="Port on machine 0 where the machines meet (default 29500).")]
+AccelerateConfigOpt = Annotated[Optional[str], typer.Option(
+    "--accelerate-config", help="An accelerate config file.")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait", help="Queue behind a trainer of the same run, not exit 2.")]

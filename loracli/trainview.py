@@ -286,29 +286,32 @@ def summary(result: dict, seconds: float, run_arg: str) -> list[str]:
     return lines
 
 
-def train(job, live: bool, every: int = 0):
-    """Train `job` with a view on stderr; Ctrl+C finishes the step, saves and stops.
+def watch(train, live: bool, processes: int = 1, every: int = 0):
+    """Call `train(on_step=…, on_warning=…, stop=…, on_start=…, on_status=…)` with a view on
+    stderr; Ctrl+C finishes the step, saves and stops. Returns `(result, seconds)`.
 
-    Returns `(result, seconds)`. The live view needs this process to run the loop (one process);
-    with more, the workers print plain lines themselves.
+    The live view needs this process to run the loop (one process); with more, the workers
+    print plain lines themselves.
     """
-    from loracli import jobs, training
+    from loracli import training
 
     stop = training.StopFlag()
-    shown = view(live and job.processes <= 1, every)
+    shown = view(live and processes <= 1, every)
     with stop.installed(output.note), shown:
-        result = jobs.train(job, on_step=shown.on_step, on_warning=output.warn, stop=stop,
-                            on_start=shown.on_start, on_status=shown.on_status)
+        result = train(on_step=shown.on_step, on_warning=output.warn, stop=stop,
+                       on_start=shown.on_start, on_status=shown.on_status)
     return result, shown.elapsed()
 
 
-def report(result, seconds: float, run_arg: str, as_json: bool) -> int:
+def report(result, seconds: float, run_arg: str, as_json: bool, where=None) -> int:
     """Print the outcome (summary on stderr, the checkpoint on stdout, or the JSON document);
     returns the exit status: 130 when Ctrl+C stopped the run after it saved."""
     document = result.to_dict()
     plot = Path(document["run"]) / "loss.png"
     document.update(seconds=round(seconds, 1), loss_plot=str(plot) if plot.is_file() else None,
                     export=f"lora export {run_arg}")
+    if where is not None:
+        document["launch"] = where.to_dict()
 
     def render(r: dict) -> None:
         for line in summary(r, seconds, run_arg):

@@ -34,14 +34,14 @@ def caption(
 
     Weights come from the model cache only (`lora fetch clip-vit-l-14`); nothing is downloaded.
     """
-    from loracli import captions
+    from loracli import captioning
 
-    options = captions.Options(
+    options = captioning.Options(
         labels=tuple(labels or ()), model=model, weights=weights, prefix=prefix, ext=ext,
         existing=existing, recursive=recursive, dry_run=dry_run, batch_size=batch_size,
         device=device)
     with output.Progress("captioning", enabled=output.is_terminal() and not json) as bar:
-        result = captions.caption_folder(folder, options, on_progress=bar.update)
+        result = captioning.caption_folder(folder, options, on_progress=bar.update)
     output.emit(result, json, _render)
 
 
