@@ -47,11 +47,11 @@ def _cached_repos() -> list[str]:
 
 @_quiet
 def cached_models(incomplete: str) -> list[str]:
-    """Models in the cache, as org/name, and the alias of each one that has one (sd15)."""
+    """Models in the cache: the alias where one fits (sd15), else org/name."""
     from loracli import models as names
 
-    repos = _cached_repos()
-    return repos + [alias for alias, a in names.ALIASES.items() if a.repo_id in repos]
+    by_repo = {a.repo_id: alias for alias, a in names.ALIASES.items()}
+    return [by_repo.get(repo, repo) for repo in _cached_repos()]
 
 
 @_quiet
@@ -59,7 +59,7 @@ def models(incomplete: str) -> list[str]:
     """Model aliases (sd15, sdxl, …) and the models already in the cache."""
     from loracli import models as names
 
-    return list(names.ALIASES) + _cached_repos()
+    return names.names()
 
 
 @_quiet

@@ -62,7 +62,7 @@ def test_fetch_completes_aliases_and_cached_models(isolated):
     assert complete("lora fetch sd2") == ["sd21", "sd21-base"]
     assert complete("lora cache rm ") == ["someorg/my-model"]  # cached models only
     (isolated["cache"] / "models--loracli--tiny-sd" / "snapshots").mkdir(parents=True)
-    assert complete("lora cache rm ") == ["loracli/tiny-sd", "someorg/my-model", "tiny-sd"]
+    assert complete("lora cache rm ") == ["someorg/my-model", "tiny-sd"]  # the alias if any
 
 
 def test_mirror_option_completes_mirrors(isolated):
