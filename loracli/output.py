@@ -113,11 +113,3 @@ class Progress:
             self.bar = None
         return False
 
-
-def size(n: float) -> str:
-    """A byte count for people: `512 B`, `3.4 MB`, `1.2 GB` (powers of 1000, as disks are sold)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
