@@ -147,6 +147,8 @@ def test_exports_reproduce_the_trained_transformer(flux, cli, tmp_path):
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "flux1"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert "modelspec.prediction_type" not in meta  # no epsilon/v for a flow-matching model
     blocks = {"double_blocks": 1, "single_blocks": 1}
     native = _native_base(pipe.transformer, FLUX_COMFY, blocks)  # pipe's base layers
     merged = _comfy_merge(native, tensors)
