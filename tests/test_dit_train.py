@@ -196,3 +196,24 @@ def test_sd35_trains_its_clip_encoders_and_exports_for_diffusers(tmp_path, cli):
         pipe.load_lora_weights(exported)
         after = pipe.text_encoder_2(ids)[0]
     assert (after - before).abs().max() > 1e-5  # the trained encoder LoRA is applied
+
+
+def test_flux_schnell_trains_on_aspect_buckets(tmp_path, cli):
+    from PIL import Image
+
+    base = tiny_dit.build_tiny_dit(tmp_path / "schnell", "flux-schnell")
+    data = make_dataset(tmp_path / "data", n=2)
+    for i, size in enumerate([(96, 48), (48, 96)]):  # wide and tall: two buckets
+        Image.new("RGB", size, (200, 30, 30)).save(data / f"wide{i}.png")
+        (data / f"wide{i}.txt").write_text("sks, red", "utf-8")
+    path = write_profile(tmp_path / "s.toml", base, data, tmp_path / "out",
+                         data={"bucketing": True, "bucket_step": 8},
+                         lora={"targets": list(families.get("flux-schnell").unet_targets)},
+                         train={"max_steps": 3, "save_steps": 3, "batch_size": 1})
+    r = cli("train", "--config", str(path))
+    assert r.exit_code == 0, r.stderr
+    assert "not a multiple of 16 px" in r.stderr  # raised to what 8x VAE + 2x2 packing need
+    buckets = json.loads((tmp_path / "out" / "dataset.json").read_text())["buckets"]["buckets"]
+    sizes = sorted(tuple(b["resolution"]) for b in buckets.values())
+    assert sizes == [(32, 80), (64, 64), (80, 32)]  # sides in multiples of 16 px
+    assert runs.latest(tmp_path / "out").step == 3
