@@ -171,6 +171,21 @@ def test_sd3_draws_logit_normal_sigmas_on_its_shifted_schedule():
     assert torch.equal(flux.indices(every, scheduler), every)
 
 
+@pytest.mark.parametrize("name", ["flux", "sd35"])
+def test_dit_presets_list_and_comment_every_key(name):
+    import tomllib
+
+    from loracli import profiles
+
+    text = profiles.preset_text(name)
+    data = tomllib.loads(text)
+    profiles.parse(data, name)
+    assert {f"{s}.{k}" for s, table in data.items() for k in table} == set(profiles.all_keys())
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert "#" in line.split("=", 1)[1], f"{name}: no comment on {line!r}"
+
+
 def test_presets_train_the_family_defaults():
     from loracli import profiles
 
