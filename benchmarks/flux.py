@@ -10,8 +10,9 @@ VAE shape; its text encoders have the real output widths (CLIP-L 768, T5-XXL 409
 each, since with caching they run once. `--layers N` cuts the blocks to N + 2N for a smoke run.
 Each configuration runs in its own process, so the peak memory (CUDA allocator peak on a GPU,
 peak RSS on the CPU) is that configuration's alone; steps/s is from the median step time after
-the first; "held" is the memory held during the steps (after loading). With caching off, the text encoders encode every step and stay in memory; with it on,
-captions are encoded once to disk and the encoders are freed. Prints a table and JSON lines.
+the first; "held" is the memory held during the steps (after loading). With caching off,
+the text encoders encode every step and stay in memory; with it on, captions are encoded once
+to disk and the encoders are freed. Prints a table and JSON lines.
 """
 
 from __future__ import annotations

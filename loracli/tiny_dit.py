@@ -100,7 +100,8 @@ def build_tiny_dit(dest: Path, kind: str = "flux-dev", seed: int = 0) -> Path:
     import torch
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+    from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                              T5TokenizerFast)
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from loracli import convert, convert_dit, families, tiny_dit
+from dit_fixtures import tiny_dit_folder
+
+from loracli import convert, convert_dit, families
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +56,15 @@ SD3_COMFY = {"joint_blocks.{i}.x_block.attn.qkv": ["transformer_blocks.{i}.attn.
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit")
-    return {kind: tiny_dit.build_tiny_dit(root / kind, kind) for kind in ("flux-dev", "sd3")}
+    return {kind: tiny_dit_folder(tmp_path_factory, kind) for kind in ("flux-dev", "sd3")}
 
 
 def _pipeline(folder):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    import json
 
-    cls = FluxPipeline if folder.name.startswith("flux") else StableDiffusion3Pipeline
+    import diffusers
+
+    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

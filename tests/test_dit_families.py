@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from dit_fixtures import tiny_dit_folder
+
 from loracli import families, tiny_dit
 from loracli.errors import LoraError
 from loracli.families import loading
@@ -52,8 +54,7 @@ def test_versions_targets_and_layouts_as_the_ecosystem_writes_them():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit")
-    return {kind: tiny_dit.build_tiny_dit(root / kind, kind) for kind in ("flux-dev", "sd3")}
+    return {kind: tiny_dit_folder(tmp_path_factory, kind) for kind in ("flux-dev", "sd3")}
 
 
 @pytest.mark.slow

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from dit_fixtures import tiny_dit_folder
 from hub_fixtures import online  # noqa: F401
 from hubserver import serve
-from loracli import models, tiny_dit
+from loracli import models
 from loracli.families import loading
 
 pytestmark = pytest.mark.slow
@@ -26,8 +28,9 @@ def test_aliases_name_the_real_repos():
 
 
 def test_fetch_flux_dev_needs_the_token_and_gives_a_trainable_base(cli, online, isolated,  # noqa: F811
-                                                                   tmp_path, monkeypatch):
-    repo = tiny_dit.build_tiny_dit(tmp_path / "repo", "flux-dev")
+                                                                   tmp_path, tmp_path_factory,
+                                                                   monkeypatch):
+    repo = Path(shutil.copytree(tiny_dit_folder(tmp_path_factory, "flux-dev"), tmp_path / "repo"))
     # what the real repo also ships at its root: a 23 GB single file nobody needs for training
     shutil.copy(next((repo / "transformer").glob("*.safetensors")), repo / "flux1-dev.safetensors")
     secret = "hf_gatedFLUXtoken"

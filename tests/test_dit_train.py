@@ -15,6 +15,8 @@ import weakref
 
 import pytest
 
+from dit_fixtures import tiny_dit_folder
+
 from loracli import families, profiles, runs, tiny_dit, training
 from test_dit_export import FLUX_COMFY, _comfy_merge, _native_base, _transformer_inputs
 from train_fixtures import env, lora_cmd, make_dataset, metrics_steps, wait_for, write_profile
@@ -34,7 +36,7 @@ def flux(tmp_path_factory):
     from loracli.families import loading
 
     root = tmp_path_factory.mktemp("flux")
-    base = tiny_dit.build_tiny_dit(root / "flux-dev", "flux-dev")
+    base = tiny_dit_folder(tmp_path_factory, "flux-dev")
     data = make_dataset(root / "data", n=5)
     targets = list(families.get("flux-dev").unet_targets)
     sections = {k: dict(v) for k, v in RANDOM.items()}
@@ -165,11 +167,12 @@ def test_exports_reproduce_the_trained_transformer(flux, cli, tmp_path):
                 row += w.shape[0]
 
 
-def test_sd35_trains_its_clip_encoders_and_exports_for_diffusers(tmp_path, cli):
+def test_sd35_trains_its_clip_encoders_and_exports_for_diffusers(tmp_path, tmp_path_factory,
+                                                                 cli):
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    base = tiny_dit.build_tiny_dit(tmp_path / "sd3", "sd3")
+    base = tiny_dit_folder(tmp_path_factory, "sd3")
     data = make_dataset(tmp_path / "data", n=3)
     fam = families.get("sd35-medium")
     path = write_profile(tmp_path / "sd3.toml", base, data, tmp_path / "out",
@@ -198,10 +201,10 @@ def test_sd35_trains_its_clip_encoders_and_exports_for_diffusers(tmp_path, cli):
     assert (after - before).abs().max() > 1e-5  # the trained encoder LoRA is applied
 
 
-def test_flux_schnell_trains_on_aspect_buckets(tmp_path, cli):
+def test_flux_schnell_trains_on_aspect_buckets(tmp_path, tmp_path_factory, cli):
     from PIL import Image
 
-    base = tiny_dit.build_tiny_dit(tmp_path / "schnell", "flux-schnell")
+    base = tiny_dit_folder(tmp_path_factory, "flux-schnell")
     data = make_dataset(tmp_path / "data", n=2)
     for i, size in enumerate([(96, 48), (48, 96)]):  # wide and tall: two buckets
         Image.new("RGB", size, (200, 30, 30)).save(data / f"wide{i}.png")

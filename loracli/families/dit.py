@@ -1,4 +1,4 @@
-"""What FLUX.1 and SD3.5 share: a transformer denoiser trained by flow matching on 16-channel latents.
+"""What FLUX.1 and SD3.5 share: a transformer trained by flow matching on 16-channel latents.
 
 One dataclass (`Transformer`) holds a DiT family as data plus its three small functions (encode
 captions, condition the transformer, call it); `loracli.families.flux` and `.sd3` build the

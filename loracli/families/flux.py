@@ -40,7 +40,8 @@ def conditioning(text: dict, sizes: dict) -> dict:
 
 
 def pack(latents):
-    """(B, C, H, W) → (B, H/2 · W/2, 4C): FLUX's 2x2 patches as tokens (FluxPipeline._pack_latents)."""
+    """(B, C, H, W) → (B, H/2 · W/2, 4C): FLUX's 2x2 patches as tokens, as
+    FluxPipeline._pack_latents makes them."""
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
