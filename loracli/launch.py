@@ -56,13 +56,15 @@ def command(run_dir: Path, processes: int, extra_steps: int = 0, until_step: int
 
 def train(run_dir: Path, processes: int = 1, on_step: Callable | None = None,
           on_warning: Callable | None = None, stop=None, extra_steps: int = 0,
-          until_step: int = 0):
+          until_step: int = 0, on_start: Callable | None = None,
+          on_status: Callable | None = None):
     """Train `run_dir` with `processes` workers; returns `training.Result`."""
     from loracli import training
 
     if processes <= 1:
         return training.run(run_dir, on_step=on_step, on_warning=on_warning, stop=stop,
-                            extra_steps=extra_steps, until_step=until_step)
+                            extra_steps=extra_steps, until_step=until_step, on_start=on_start,
+                            on_status=on_status)
     with tempfile.TemporaryDirectory(prefix="lora-launch-") as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = command(run_dir, processes, extra_steps, until_step, result_file)

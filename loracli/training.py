@@ -220,8 +220,7 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
                 micro = step * accum + a
                 batch = task.micro_batch(micro)
                 with _no_sync(accelerator, s.modules, last=a == accum - 1):
-                    # LoRA dropout draws from the global RNG: make it a function of the batch
-                    torch.manual_seed(seed_from(t.seed, micro, rank, 2))
+                    _reseed(accelerator.device, seed_from(t.seed, micro, rank, 2))
                     with accelerator.autocast():
                         loss = task.loss(batch)
                     accelerator.backward(loss / accum)
@@ -268,6 +267,19 @@ def _now() -> float:
     import time
 
     return time.perf_counter()
+
+
+def _reseed(device, seed: int) -> None:
+    """LoRA dropout draws from the global RNG: make it a function of the micro-batch.
+
+    Only the generators a step can draw from (torch.manual_seed also walks every other backend,
+    milliseconds per call).
+    """
+    import torch
+
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def _no_sync(accelerator, modules: dict, last: bool):
