@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,6 +41,7 @@ from loracli.denoiser import evaluate, seed_from  # noqa: F401 (evaluate: the AP
 from loracli.errors import LoraError
 from loracli.optim import make_optimizer, make_scheduler
 from loracli.runs import changed_keys, load_profile, start  # noqa: F401 (the API in one place)
+from loracli.stopping import StopFlag  # noqa: F401 (the API in one place)
 
 
 @dataclass
@@ -58,41 +58,6 @@ class Result:
         return {"run": str(self.run_dir), "status": self.status, "step": self.step,
                 "max_steps": self.max_steps, "loss": self.loss, "resumed_from": self.resumed_from,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None}
-
-
-class StopFlag:
-    """Set by the first Ctrl+C (finish the step, save, stop); a second one aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self, notify: Callable[[str], None] | None = None,
-                abort_on_second: bool = True) -> dict:
-        """Handle SIGINT/SIGTERM (main thread only); returns the handlers it replaced.
-
-        Workers under `accelerate launch` pass abort_on_second=False: the launcher relays the
-        user's Ctrl+C as a second signal, and must not cut the save short.
-        """
-        def handler(signum, frame):
-            if self.requested:
-                if abort_on_second:
-                    raise KeyboardInterrupt
-                return
-            self.requested = True
-            if notify:
-                notify("stopping after this step and saving a checkpoint "
-                       "(press Ctrl+C again to abort without saving)")
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    @contextlib.contextmanager
-    def installed(self, notify: Callable[[str], None] | None = None):
-        previous = self.install(notify)
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 def _quiet(_arg) -> None:
