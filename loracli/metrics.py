@@ -91,3 +91,66 @@ class Log:
     def close(self) -> None:
         if self.out is not None:
             self.out.close()
+
+
+# ---------------------------------------------------------------- TensorBoard / W&B (optional)
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def tracker(train) -> str | None:
+    """`train.log_with` checked: None, "tensorboard" or "wandb" (its package installed)."""
+    from importlib.util import find_spec
+
+    from loracli.errors import LoraError
+
+    kind = getattr(train, "log_with", "") or None
+    if kind is None:
+        return None
+    if kind not in TRACKERS:
+        raise LoraError(f"train.log_with: {kind!r} is not one of tensorboard, wandb",
+                        "set train.log_with = \"tensorboard\", \"wandb\" or \"\" (metrics.jsonl "
+                        "and loss.png only)")
+    if kind == "tensorboard" and not (find_spec("tensorboard") or find_spec("tensorboardX")):
+        raise LoraError("train.log_with = \"tensorboard\" needs the tensorboard package",
+                        "pip install tensorboard, or set train.log_with = \"\"")
+    if kind == "wandb" and not find_spec("wandb"):
+        raise LoraError("train.log_with = \"wandb\" needs the wandb package and a login",
+                        "pip install wandb && wandb login, or set train.log_with = \"\"")
+    return kind
+
+
+def start_tracker(accelerator, kind: str, run_dir: Path, profile) -> None:
+    """TensorBoard event files go to <run>/logs/tensorboard; a W&B run keeps one id across
+    resumes (project "lora", named after the profile)."""
+    import hashlib
+
+    config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+              for section, keys in profile.to_dict().items() for key, value in keys.items()}
+    run_id = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    accelerator.init_trackers(
+        "tensorboard" if kind == "tensorboard" else "lora", config=config,
+        init_kwargs={"wandb": {"name": profile.name, "id": run_id, "resume": "allow",
+                               "dir": str(Path(run_dir) / "logs")}})
+
+
+TRACKED = ("loss", "loss_smooth", "lr", "epoch", "images_per_s")
+
+
+def track(accelerator, row: dict) -> None:
+    accelerator.log({k: row[k] for k in TRACKED}, step=row["step"])
+
+
+def track_samples(accelerator, paths: list, step: int) -> None:
+    """Sample images beside the scalars (every sample of a step has the same size)."""
+    if not paths:
+        return
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    for t in accelerator.trackers:
+        if t.name == "tensorboard":
+            t.log_images({"samples": np.stack(images)}, step, dataformats="NHWC")
+        else:
+            t.log_images({"samples": images}, step)

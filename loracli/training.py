@@ -25,7 +25,8 @@ Resume is exact because nothing in a step depends on hidden state: batches and L
 functions of (seed, micro-batch); a checkpoint carries the adapter, optimizer, scheduler, step,
 and the RNG states for anything else that might draw. The loop never prints: it reports through
 `on_start(info)`, `on_status(text)` (phases before the first step), `on_step(metrics)` and
-`on_warning(message)`.
+`on_warning(message)`; metrics go to `logs/metrics.jsonl`, `loss.png` and, when `train.log_with`
+asks, TensorBoard or W&B (`loracli.metrics`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def _setup(run_dir: Path, warn, status, extra_steps: int, until_step: int) -> Se
     cuda = torch.cuda.is_available()
     mixed = t.mixed_precision if cuda else "no"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=profile.lora.train_text_encoder)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed, kwargs_handlers=[ddp])
+    tracker = metrics.tracker(t)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed, kwargs_handlers=[ddp],
+                              log_with=tracker,
+                              project_dir=str(run_dir / "logs") if tracker else None)
     if not accelerator.is_main_process:
         warn = status = _quiet
     if not cuda and t.mixed_precision != "no":
@@ -175,6 +179,9 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
         t.gradient_accumulation
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     log = metrics.Log(s.run_dir, s.start_step, s.state, main)
+    tracking = metrics.tracker(t) if main else None
+    if tracking:
+        metrics.start_tracker(accelerator, tracking, s.run_dir, s.profile)
     for module in s.modules.values():
         module.train()
     try:
@@ -205,6 +212,8 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
                           s.scheduler.get_last_lr()[0], _now() - t0, task.global_batch * accum,
                           accelerator.device)
             _guard_write(s, "logs/metrics.jsonl", log.write, row)
+            if tracking:
+                metrics.track(accelerator, row)
             if done % t.save_steps == 0 or done == s.max_steps or halt:
                 if main:
                     result.checkpoint = _checkpoint(s, done, loss_value, log)
@@ -214,7 +223,10 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
             if sample.every_steps and sample.prompts and \
                     (done % sample.every_steps == 0 or done == s.max_steps):
                 if main:
-                    row["samples"] = [str(p) for p in task.samples(done)]
+                    paths = task.samples(done)
+                    row["samples"] = [str(p) for p in paths]
+                    if tracking:
+                        metrics.track_samples(accelerator, paths, done)
                 accelerator.wait_for_everyone()
             result.step, result.loss = done, loss_value
             if main:
@@ -224,6 +236,9 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
                 return result
     finally:
         log.close()
+        if tracking:  # not end_training(): it would also end the process group
+            for tracker in accelerator.trackers:
+                tracker.finish()
     result.status = "finished"
     return result
 
