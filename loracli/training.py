@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from loracli import __version__, checkpoints, metrics, plot, runs, statefiles
+from loracli.batches import Batches  # noqa: F401 (training.Batches, as before the split)
 from loracli.denoiser import evaluate, seed_from  # noqa: F401 (evaluate: the API in one place)
 from loracli.errors import LoraError
 from loracli.optim import make_optimizer, make_scheduler
