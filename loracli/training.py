@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,6 +80,7 @@ class Setup:
     optimizer: object = None
     scheduler: object = None
     modules: dict | None = None
+    plotter: plot.Redrawer | None = None
 
 
 def _setup(run_dir: Path, warn, status, extra_steps: int, until_step: int) -> Setup:
@@ -180,6 +182,7 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
         t.gradient_accumulation
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     log = metrics.Log(s.run_dir, s.start_step, s.state, main)
+    s.plotter = plot.Redrawer(metrics.path(s.run_dir), s.run_dir / "loss.png")
     tracking = metrics.tracker(t) if main else None
     if tracking:
         metrics.start_tracker(accelerator, tracking, s.run_dir, s.profile)
@@ -187,7 +190,7 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
         module.train()
     try:
         for step in range(s.start_step, s.max_steps):
-            t0 = _now()
+            t0 = time.perf_counter()
             losses = []
             for a in range(accum):
                 micro = step * accum + a
@@ -210,7 +213,7 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
                 raise _diverged(s.run_dir, loss_value, done)
             halt = _agree(accelerator, stop.requested)
             row = log.row(done, s.max_steps, done * accum / task.batches_per_epoch, loss_value,
-                          s.scheduler.get_last_lr()[0], _now() - t0, task.global_batch * accum,
+                          s.scheduler.get_last_lr()[0], time.perf_counter() - t0, task.global_batch * accum,
                           accelerator.device)
             _guard_write(s, "logs/metrics.jsonl", log.write, row)
             if tracking:
@@ -234,20 +237,18 @@ def _loop(s: Setup, on_step: Callable[[dict], None], stop: StopFlag) -> Result:
                 on_step(row)
             if halt:
                 result.status = "interrupted"
-                return result
+                break
+        _guard_write(s, "loss.png", s.plotter.wait)
     finally:
         log.close()
+        if s.plotter.thread is not None:  # an error or a second Ctrl+C: let the drawing end
+            s.plotter.thread.join()
         if tracking:  # not end_training(): it would also end the process group
             for tracker in accelerator.trackers:
                 tracker.finish()
-    result.status = "finished"
+    if result.status != "interrupted":
+        result.status = "finished"
     return result
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
 
 
 def _reseed(device, seed: int) -> None:
@@ -311,5 +312,5 @@ def _checkpoint(s: Setup, step: int, loss_value: float, log: metrics.Log) -> Pat
                "rng": statefiles.rng_states()}
     path = checkpoints.save(s.run_dir, step, task.adapter_state(), trainer, facts,
                             t.keep_checkpoints)
-    _guard_write(s, "loss.png", plot.write, metrics.path(s.run_dir), s.run_dir / "loss.png")
+    _guard_write(s, "loss.png", s.plotter.redraw)  # drawn while the next steps train
     return path
