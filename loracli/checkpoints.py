@@ -10,8 +10,8 @@
       COMPLETE       written last; a checkpoint without it is ignored
 
 Nothing here is pickled: trainer state is JSON + safetensors (`loracli.statefiles`), so a run
-folder from someone else is data, never code. Checkpoints of lora before 0.2 held `*.pt` pickles
-instead; `trainer_state` refuses them (their adapters still export).
+folder from someone else is data, never code. Checkpoints of older lora (state.json without
+"format") held `*.pt` pickles instead; `trainer_state` refuses them (their adapters still export).
 
 A checkpoint is written into `checkpoints/.step-NNNNNN.partial/`, every file fsynced, `state.json`
 next, `COMPLETE` last, and only then renamed to `step-NNNNNN/`. A process killed at any point
@@ -40,7 +40,7 @@ MARKER = "COMPLETE"
 STATE = "state.json"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 TRAINER_PARTS = ("optimizer", "scheduler", "rng")
-PICKLED = ("optimizer.pt", "scheduler.pt", "rng.pt")  # lora < 0.2: never loaded
+PICKLED = ("optimizer.pt", "scheduler.pt", "rng.pt")  # older lora: never loaded
 MARGIN = 64 << 20  # keep this much disk free beyond the checkpoint itself
 
 
