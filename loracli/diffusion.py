@@ -59,6 +59,7 @@ class DiffusionTask:
                     module.gradient_checkpointing_enable(
                         gradient_checkpointing_kwargs={"use_reentrant": False})
         self.modules = dict(model.trained)
+        self.unet = model.unet  # until prepared() hands over the wrapped one
         self.global_batch = self.batches.global_batch
         self.batches_per_epoch = self.batches.per_epoch
         self.facts = {"family": model.base.family, "base": model.base.model,
