@@ -195,3 +195,18 @@ def test_presets_train_the_family_defaults():
     assert tuple(flux.lora.targets) == families.get("flux-dev").unet_targets
     assert tuple(sd35.lora.targets) == families.get("sd35-large").unet_targets
     assert flux.train.mixed_precision == "bf16" and flux.train.cache_text
+
+
+def test_loader_report_for_flux_and_sd3_kohya_files():
+    from loracli import compat
+
+    flux = ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te1_text_model_encoder_layers_0_self_attn_out_proj"]
+    rows = {r["loader"]: r for r in compat.report(flux, "flux-dev")}
+    assert rows["comfyui"]["applied"] == rows["sd-scripts"]["applied"] == 4
+    assert rows["a1111"]["ignored"] == flux[:2]  # no FLUX model in AUTOMATIC1111
+    sd3 = ["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_mlp_fc1"]
+    rows = {r["loader"]: r for r in compat.report(sd3, "sd35-large")}
+    assert rows["comfyui"]["applied"] == rows["sd-scripts"]["applied"] == 2
+    assert rows["diffusers"]["applied"] == 0  # diffusers has no kohya converter for SD3
