@@ -111,7 +111,7 @@ class Family(Protocol):
     unet_targets: tuple[str, ...]      # default LoRA target modules of the denoiser
     text_targets: tuple[str, ...]      # … and of the text encoders
     kohya_prefixes: Mapping[str, str]  # component → kohya key prefix (lora_unet, lora_te1, …)
-    kohya_unet_layout: str             # "diffusers" or "ldm": module names in kohya UNet keys
+    kohya_unet_layout: str             # "diffusers", "ldm" (SDXL), "flux", "mmdit": kohya key names
     base_version: str                  # ss_base_model_version
     ss_v2: bool                        # kohya's ss_v2 flag
     modelspec_prefix: str              # modelspec.architecture starts with this
