@@ -8,7 +8,9 @@ one dataclass). The rest of `loracli` reads only what this protocol names:
   cached model's configs describe a single-file checkpoint of it;
 - geometry: latent channels, pixels per latent pixel and scaling, read from the VAE config
   (`Geometry`), never assumed;
-- conditioning: captions → tensors (`encode`) → the denoiser's keyword arguments (`conditioning`);
+- conditioning: captions → tensors (`encode`) → the denoiser's keyword arguments (`conditioning`),
+  and the call of the denoiser itself (`denoiser` names its component, `forward` calls it:
+  a UNet, or FLUX's transformer on 2x2-packed latents; `loracli.families.flux`, `.sd3`);
 - the training objective (`objective(prediction_type)`, see `loracli.families.objectives`);
 - default LoRA targets, the sampling pipeline class, the kohya key layout, and the versions that
   export metadata and `lora inspect` write and read.
