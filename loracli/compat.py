@@ -62,6 +62,24 @@ UNET_RULES = {
     "diffusers": (r".+",),
 }
 
+# FLUX/SD3 kohya files name the original modules (loracli.convert_dit), per layout.
+DIT_BLOCKS = {"flux": r"(double_blocks|single_blocks)_\d+_.+", "mmdit": r"joint_blocks_\d+_.+"}
+DIT_RULES = {
+    # A1111 has no FLUX or SD3 model: none of a transformer's keys apply there.
+    "a1111": {"flux": (), "mmdit": ()},
+    # model_lora_keys_unet: `lora_unet_{k}` for every weight k of the native diffusion_model.
+    "comfyui": {"flux": (DIT_BLOCKS["flux"], r"(img_in|txt_in|final_layer_linear|"
+                         r"(time_in|vector_in|guidance_in)_(in|out)_layer)"),
+                "mmdit": (DIT_BLOCKS["mmdit"], r"(context_embedder|x_embedder_proj|"
+                          r"final_layer_linear|(t|y)_embedder_mlp_[02])")},
+    # networks/lora_flux.py: modules inside DoubleStreamBlock and SingleStreamBlock;
+    # networks/lora_sd3.py: inside JointBlock (its embedder modules only with emb_dims).
+    "sd-scripts": {"flux": (DIT_BLOCKS["flux"],), "mmdit": (DIT_BLOCKS["mmdit"],)},
+    # _convert_kohya_flux_lora_to_diffusers converts the blocks (at FLUX.1's full sizes);
+    # diffusers has no kohya converter for SD3.
+    "diffusers": {"flux": (DIT_BLOCKS["flux"],), "mmdit": ()},
+}
+
 TEXT_RULES = {
     # transformers CLIP (SD1, SDXL's first encoder): any Linear of an encoder layer. OpenCLIP
     # encoders are handled by OPENCLIP below.
@@ -88,9 +106,15 @@ PROJECTIONS = ("q", "k", "v", "out")
 DIFFUSERS_TEXT_NEEDS = re.compile(r"(self_attn_out_proj|mlp_fc[12])$")
 
 
-def split(stem: str) -> tuple[str, str]:
-    """`lora_te2_text_model_…` → ("text_encoder_2", "text_model_…")."""
+def split(stem: str, family: str | None = None) -> tuple[str, str]:
+    """`lora_te2_text_model_…` → ("text_encoder_2", "text_model_…"); `family`'s prefixes first
+    (FLUX's `lora_unet` is its transformer)."""
+    from loracli import families
+
     components = convert.kohya_components()
+    if family:
+        components = {**components, **{p: c for c, p in
+                                       families.get(family).kohya_prefixes.items()}}
     for prefix in sorted(components, key=len, reverse=True):
         if stem.startswith(prefix + "_"):
             return components[prefix], stem[len(prefix) + 1:]
@@ -101,7 +125,7 @@ def report(stems: list[str], family: str) -> list[dict]:
     """Per loader: how many of the file's modules it applies, and which it ignores."""
     by_component = defaultdict(list)
     for stem in sorted(set(stems)):
-        component, name = split(stem)
+        component, name = split(stem, family)
         by_component[component].append((stem, name))
     rows = []
     for loader in LOADERS:
@@ -121,6 +145,10 @@ def report(stems: list[str], family: str) -> list[dict]:
 def _applies(loader: str, family: str, component: str, names: list[tuple[str, str]]):
     if component == "unet":
         rules = UNET_RULES[loader]
+    elif component == "transformer":
+        from loracli import families
+
+        rules = DIT_RULES[loader].get(families.get(family).kohya_unet_layout, ())
     elif component:
         rules = TEXT_RULES[loader] + EXTRA_TEXT.get((loader, family, component), ())
     else:

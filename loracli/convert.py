@@ -232,6 +232,10 @@ def peft_to_diffusers(adapters: dict[str, tuple[dict, dict]], dtype=None) -> tup
         for key, tensor in state_dict.items():
             tensors[f"{component}.{key.removeprefix('base_model.model.')}"] = _cast(tensor, dtype)
         clean = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        # dropout is for training: diffusers builds the LoRA layers in train mode, so a
+        # non-zero lora_dropout would drop activations in every image it draws
+        if clean.get("lora_dropout"):
+            clean["lora_dropout"] = 0.0
         packed.update({f"{component}.{k}": v for k, v in clean.items()})
     header = {"format": "pt"}
     if packed:

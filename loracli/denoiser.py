@@ -43,7 +43,8 @@ class Model:
         self.prediction = self.base.prediction_type
         self.objective = self.family.objective(self.prediction)
         parts = loading.load_components(self.base, self.family, profile.model.vae)
-        self.unet, self.vae = parts["unet"], parts["vae"]
+        self.denoiser = self.family.denoiser  # "unet" or "transformer": its adapter's name
+        self.unet, self.vae = parts[self.denoiser], parts["vae"]
         self.encoders = [parts[n] for n in self.family.text_encoders]
         self.tokenizers = [parts[n] for n in self.family.tokenizers]
         self.noise = self.objective.scheduler(parts["scheduler"].config)  # the training schedule
@@ -52,10 +53,10 @@ class Model:
                                              profile.model.vae or str(self.base.path))
         self.device, self.weight_dtype = device, weight_dtype
         lo = profile.lora
-        self.configs = {"unet": lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets,
-                                            lo.rslora, lo.dora)}
+        self.configs = {self.denoiser: lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets,
+                                                   lo.rslora, lo.dora)}
         if lo.train_text_encoder:
-            for name in self.family.text_encoders:
+            for name in self.family.trainable[1:]:  # the encoders that can carry a LoRA
                 self.configs[name] = lora_config(lo.rank, lo.alpha, lo.dropout,
                                                  lo.text_encoder_targets, lo.rslora, lo.dora)
         self.trained = {}
@@ -67,7 +68,7 @@ class Model:
             if weight_dtype != torch.float32:
                 module.to(dtype=weight_dtype)
         for name, config in self.configs.items():
-            module = self.unet if name == "unet" else parts[name]
+            module = parts[name]
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)
             for p in module.parameters():
                 if p.requires_grad:  # LoRA weights train in fp32 whatever the base dtype
@@ -108,6 +109,19 @@ class Model:
                 raise LoraError(f"checkpoint {name} adapter does not fit this model "
                                 f"({len(result.unexpected_keys)} unknown keys)")
 
+    def release_text_encoders(self) -> None:
+        """Drop the frozen text encoders once their outputs are cached (FLUX's T5-XXL is 9 GB in
+        bf16): nothing here holds them afterwards, so their memory is freed."""
+        import gc
+
+        frozen = [n for n in self.family.text_encoders if n not in self.trained]
+        if len(frozen) < len(self.family.text_encoders):
+            return  # a trained encoder encodes every step: keep them all
+        for name in frozen:
+            self.parts[name] = None
+        self.encoders = []
+        gc.collect()
+
     def encode_text(self, captions: list[str]) -> dict:
         return self.family.encode(self.encoders, self.tokenizers, captions, self.device)
 
@@ -127,7 +141,8 @@ class Model:
         noisy, target = self.objective.noisy_input_and_target(latents, noise, timesteps,
                                                               self.noise)
         cond = self.family.conditioning(text, sizes)
-        pred = unet(noisy.to(self.weight_dtype), timesteps, **cond).sample
+        pred = self.family.forward(unet, noisy.to(self.weight_dtype),
+                                   self.objective.model_timesteps(timesteps, self.noise), cond)
         per = F.mse_loss(pred.float(), target.float(), reduction="none")
         per = per.mean(dim=tuple(range(1, per.dim())))
         weights = self.objective.weights(timesteps, self.noise, min_snr_gamma)
@@ -152,7 +167,7 @@ def render_samples(model: Model, profile: profiles.Profile, run_dir: Path, step:
     multiple = model.geometry.pixel_multiple
     s, res = profile.sample, max(profile.data.resolution // multiple, 1) * multiple
     cls = getattr(diffusers, model.family.pipeline)
-    parts = {**model.parts, "unet": unwrap(model.unet)}
+    parts = {**model.parts, model.denoiser: unwrap(model.unet)}
     for name in model.trained:
         parts[name] = unwrap(model.trained[name])
     params = inspect.signature(cls.__init__).parameters

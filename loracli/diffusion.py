@@ -50,14 +50,17 @@ class DiffusionTask:
         if self.batches.latents is not None:  # the VAE is not needed again: free its memory
             model.vae.to("cpu")
         if self.batches.text is not None:
-            for encoder in model.encoders:
-                encoder.to("cpu")
+            if profile.sample.every_steps and profile.sample.prompts:
+                for encoder in model.encoders:  # the sample pipeline still needs them
+                    encoder.to("cpu")
+            else:
+                model.release_text_encoders()
         if accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
         if t.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             for name, module in model.trained.items():
-                if name != "unet":
+                if name != model.denoiser:
                     # non-reentrant: the frozen embeddings need no grad for the LoRA's to flow
                     module.gradient_checkpointing_enable(
                         gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -71,12 +74,13 @@ class DiffusionTask:
     def param_groups(self) -> list[dict]:
         t = self.profile.train
         return [{"params": [p for p in module.parameters() if p.requires_grad],
-                 "lr": t.learning_rate if name == "unet" else (t.text_encoder_lr or t.learning_rate)}
+                 "lr": t.learning_rate if name == self.model.denoiser
+                 else (t.text_encoder_lr or t.learning_rate)}
                 for name, module in self.modules.items()]
 
     def prepared(self, modules: dict) -> None:
         """The modules as the loop wraps them (DDP): the loss runs through these."""
-        self.unet = modules["unet"]
+        self.unet = modules[self.model.denoiser]
         if len(modules) > 1:  # encode through the DDP wrappers so gradients sync
             self.model.encoders = [modules.get(n, e) for n, e in
                                    zip(self.model.family.text_encoders, self.model.encoders)]

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loracli import atomic, basecheck, compat, convert, folders, provenance, runs
+from loracli import atomic, basecheck, compat, convert, convert_dit, folders, provenance, runs
 from loracli.errors import LoraError
 from loracli.metadata import metadata, same_safetensors, serialize
 from loracli.trained import Run, modules_of, read_json, read_run
@@ -87,12 +87,13 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
         unet_config = read_json(config_dir / "unet" / "config.json")
         zeros = zero_modules(modules, found, r.family)
         padded = len(zeros)
-        try:
-            tensors = convert.to_kohya(modules + zeros, r.family, unet_config, torch_dtype)
+        try:  # FLUX/SD3: the original layout kohya writes, q/k/v fused (convert_dit)
+            kohya, kohya_found = convert_dit.native(modules + zeros, found, r.family, config_dir)
+            tensors = convert.to_kohya(kohya, r.family, unet_config, torch_dtype)
         except convert.ConversionError as e:
             raise LoraError(f"cannot export to kohya: {e}",
                             f"lora export {r.dir} --format diffusers writes any peft LoRA") from None
-        basecheck.check_kohya_keys(tensors, found, r.family, unet_config)
+        basecheck.check_kohya_keys(tensors, kohya_found, r.family, unet_config)
         rows = compat.report([k.split(".")[0] for k in tensors], r.family)
         header = metadata(r, name, modules + zeros, dtype, keep_paths=keep_paths, padded=padded)
     else:

@@ -37,7 +37,9 @@ def metadata(r: Run, name: str, modules: list, dtype: str, kohya: bool = True,
         "modelspec.implementation": implementation,
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        # none for flow matching (FLUX, SD3), as sd-scripts' sai_model_spec writes them
+        "modelspec.prediction_type": {"v_prediction": "v", "epsilon": "epsilon"}.get(
+            r.info.get("base", {}).get("prediction_type") or "epsilon", ""),
         "modelspec.date": started[:10] if started else "",
         "loracli.version": __version__,
         "loracli.base_model": base.label,

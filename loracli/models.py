@@ -35,6 +35,17 @@ DIFFUSERS_INCLUDE = (
     "vae/*.json", "vae/*.safetensors",
     "feature_extractor/*",
 )
+# FLUX.1 and SD3.5 diffusers folders: a transformer and up to three text encoders (T5 sharded)
+DIT_INCLUDE = (
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*",
+    "text_encoder/*.json", "text_encoder/*.safetensors",
+    "text_encoder_2/*.json", "text_encoder_2/*.safetensors",
+    "text_encoder_3/*.json", "text_encoder_3/*.safetensors",
+    "transformer/*.json", "transformer/*.safetensors",
+    "vae/*.json", "vae/*.safetensors",
+)
 OPEN_CLIP_INCLUDE = ("open_clip_config.json", "open_clip_model.safetensors")
 
 
@@ -59,6 +70,15 @@ ALIASES: dict[str, Alias] = {
                        old_names=("stabilityai/stable-diffusion-2-1-base",)),
     "sdxl": Alias("stabilityai/stable-diffusion-xl-base-1.0", DIFFUSERS_INCLUDE,
                   "Stable Diffusion XL base 1.0 (1024 px)"),
+    "flux-dev": Alias("black-forest-labs/FLUX.1-dev", DIT_INCLUDE,
+                      "FLUX.1 [dev] (1024 px, guidance-distilled; gated: accept the licence on "
+                      "the hub, then set HF_TOKEN)"),
+    "flux-schnell": Alias("black-forest-labs/FLUX.1-schnell", DIT_INCLUDE,
+                          "FLUX.1 [schnell] (1024 px, 1-4 steps, Apache-2.0)"),
+    "sd35-medium": Alias("stabilityai/stable-diffusion-3.5-medium", DIT_INCLUDE,
+                         "Stable Diffusion 3.5 Medium (MMDiT-X; gated: set HF_TOKEN)"),
+    "sd35-large": Alias("stabilityai/stable-diffusion-3.5-large", DIT_INCLUDE,
+                        "Stable Diffusion 3.5 Large (MMDiT; gated: set HF_TOKEN)"),
     # open_clip's own hub id for ViT-L-14 `openai` (open_clip/pretrained.py), so that
     # `create_model_and_transforms("ViT-L-14", pretrained="openai", cache_dir=paths.cache_dir())`
     # finds the weights offline.

@@ -128,7 +128,7 @@ def start(profile, restart: bool = False,
     family = families.get(base.family)
     examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trained = ["unet"] + (list(family.text_encoders) if profile.lora.train_text_encoder else [])
+    trained = list(family.trainable) if profile.lora.train_text_encoder else [family.denoiser]
     atomic.write_text(run_dir / "profile.toml", profile.to_toml())
     atomic.write_json(run_dir / "dataset.json", {
         "num_images": len(examples), "resolution": profile.data.resolution,

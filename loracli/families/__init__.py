@@ -15,7 +15,11 @@ from pathlib import Path
 
 from loracli.errors import LoraError
 from loracli.families.base import Configs, Family, Geometry
-from loracli.families.sd import FAMILIES as _BUILT_IN
+from loracli.families.flux import FAMILIES as _FLUX
+from loracli.families.sd import FAMILIES as _SD
+from loracli.families.sd3 import FAMILIES as _SD3
+
+_BUILT_IN = (*_SD, *_FLUX, *_SD3)  # most general first: detection asks the last one first
 
 _REGISTRY: dict[str, Family] = {}
 

@@ -8,7 +8,9 @@ one dataclass). The rest of `loracli` reads only what this protocol names:
   cached model's configs describe a single-file checkpoint of it;
 - geometry: latent channels, pixels per latent pixel and scaling, read from the VAE config
   (`Geometry`), never assumed;
-- conditioning: captions → tensors (`encode`) → the denoiser's keyword arguments (`conditioning`);
+- conditioning: captions → tensors (`encode`) → the denoiser's keyword arguments (`conditioning`),
+  and the call of the denoiser itself (`denoiser` names its component, `forward` calls it:
+  a UNet, or FLUX's transformer on 2x2-packed latents; `loracli.families.flux`, `.sd3`);
 - the training objective (`objective(prediction_type)`, see `loracli.families.objectives`);
 - default LoRA targets, the sampling pipeline class, the kohya key layout, and the versions that
   export metadata and `lora inspect` write and read.
@@ -103,6 +105,7 @@ class Family(Protocol):
 
     name: str                          # run.json's base.family; profile model.family
     components: tuple[str, ...]        # folders loaded, in order: denoiser, vae, encoders, …
+    denoiser: str                      # the component that denoises ("unet", "transformer")
     trainable: tuple[str, ...]         # components that can carry a LoRA: denoiser, encoders
     text_encoders: tuple[str, ...]     # component names, in encoding order
     tokenizers: tuple[str, ...]
@@ -110,7 +113,7 @@ class Family(Protocol):
     unet_targets: tuple[str, ...]      # default LoRA target modules of the denoiser
     text_targets: tuple[str, ...]      # … and of the text encoders
     kohya_prefixes: Mapping[str, str]  # component → kohya key prefix (lora_unet, lora_te1, …)
-    kohya_unet_layout: str             # "diffusers" or "ldm": module names in kohya UNet keys
+    kohya_unet_layout: str             # "diffusers", "ldm" (SDXL), "flux", "mmdit": kohya key names
     base_version: str                  # ss_base_model_version
     ss_v2: bool                        # kohya's ss_v2 flag
     modelspec_prefix: str              # modelspec.architecture starts with this
@@ -123,5 +126,6 @@ class Family(Protocol):
     def objective(self, prediction_type: str) -> Objective: ...
     def encode(self, encoders: list, tokenizers: list, captions: list[str], device) -> dict: ...
     def conditioning(self, text: dict, sizes: dict) -> dict: ...
+    def forward(self, denoiser, noisy, timesteps, cond: dict): ...  # the prediction, latent-shaped
     def modelspec(self, prediction_type: str) -> tuple[str, str]: ...
 

@@ -48,6 +48,8 @@ class Base:
 
 def prediction_type(folder: Path) -> str:
     config = Configs(folder).read("scheduler/scheduler_config.json")
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return "flow_matching"  # FLUX, SD3: a flow-matching scheduler has no prediction_type
     return config.get("prediction_type") or "epsilon"
 
 
@@ -193,7 +195,8 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
     if not vae:  # a single file holds its VAE; its config is borrowed with the others
         vae_config = vae_config or Configs(config_dir).component("vae")
     if vae_config:  # a single-file VAE override has no config to check before loading
-        fam.geometry(vae_config, configs.get("unet") or Configs(config_dir).component("unet"),
+        fam.geometry(vae_config, configs.get(fam.denoiser) or
+                     Configs(config_dir).component(fam.denoiser),
                      f"model.vae {vae}" if vae else str(path))
     pred = prediction if prediction != "auto" else prediction_type(config_dir)
     fam.objective(pred)  # a prediction type the family cannot train is refused here, not later

@@ -35,6 +35,11 @@ def conditioning_single(text: dict, sizes: dict) -> dict:
     return {"encoder_hidden_states": text["hidden"]}
 
 
+def forward(denoiser, noisy, timesteps, cond: dict):
+    """The UNet's prediction: every SD family calls its UNet alike."""
+    return denoiser(noisy, timesteps, **cond).sample
+
+
 def encode_dual(encoders, tokenizers, captions, device) -> dict:
     """SDXL: penultimate hidden states of both encoders side by side, pooled from the second."""
     import torch
@@ -82,6 +87,8 @@ class StableDiffusion:
     unet_targets: tuple[str, ...] = ATTENTION
     text_targets: tuple[str, ...] = CLIP_ATTENTION
     objectives: Mapping = field(default_factory=lambda: DDPM_OBJECTIVES)
+    denoiser: str = "unet"
+    forward: Callable = forward
 
     @property
     def components(self) -> tuple[str, ...]:
