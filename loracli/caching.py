@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from loracli import atomic
+from loracli import atomic, hashing
 
 
 def model_fingerprint(folder: Path, components: tuple[str, ...]) -> str:
@@ -39,7 +39,7 @@ def model_fingerprint(folder: Path, components: tuple[str, ...]) -> str:
 def _file_digest(path: Path, memo: dict) -> str:
     key = str(path)
     if key not in memo:
-        memo[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        memo[key] = hashing.sha256_file(Path(path))
     return memo[key]
 
 

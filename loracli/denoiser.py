@@ -221,7 +221,7 @@ def evaluate(run_dir: Path, step: int | None = None, use_lora: bool = True, draw
     data = ds.plan(ds.scan(d.dir, d.caption_ext, d.trigger), d.resolution,
                    model.bucket_step(d.bucket_step), d.bucketing)
     if use_lora:
-        model.load_adapters(checkpoints.load(runs.latest(run_dir, step).path)["adapters"])
+        model.load_adapters(checkpoints.load_adapters(runs.latest(run_dir, step).path))
     for module in model.trained.values():
         module.eval()
     T = model.noise.config.num_train_timesteps

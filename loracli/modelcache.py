@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from loracli import hubcache, models, paths, tracking
+from loracli import hashing, hubcache, models, paths, tracking
 from loracli.errors import LoraError
 
 _REPO_DIR_RE = re.compile(r"^models--([\w.\-]+)--([\w.\-]+)$")
@@ -33,10 +33,8 @@ def verify_blob(path: Path, name: str, size: int | None = None) -> str | None:
         h = hashlib.sha1(b"blob %d\0" % st.st_size)
     else:
         return None
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(8 << 20), b""):
-            h.update(chunk)
-    return None if h.hexdigest() == name else f"digest {h.hexdigest()[:12]}… does not match {name[:12]}…"
+    digest = hashing.digest_file(path, h, 8 << 20)
+    return None if digest == name else f"digest {digest[:12]}… does not match {name[:12]}…"
 
 
 def _refs(repo_dir: Path) -> dict[str, str]:

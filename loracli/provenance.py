@@ -70,9 +70,9 @@ def file_hashes(path: Path) -> tuple[str, str]:
     blob = path.resolve().name
     if path.is_symlink() and _SHA256.match(blob):
         return legacy, blob
-    from loracli import runs
+    from loracli import hashing
 
-    return legacy, runs.sha256_file(path)
+    return legacy, hashing.sha256_file(path)
 
 
 def _single_checkpoint(folder: Path) -> Path | None:

@@ -25,7 +25,7 @@ from typing import Callable
 
 from loracli import atomic, hubcache, modelcache, paths, tracking
 from loracli.errors import BusyError, LoraError
-from loracli.runs import sha256_file
+from loracli.hashing import sha256_file
 
 TRIES = 2
 
