@@ -1,0 +1,93 @@
+"""Tiny Llama and Qwen2 models with a ChatML byte-level BPE tokenizer, built offline.
+
+No Python package ships an LLM vocabulary, so the tokenizer is trained in-process with
+`tokenizers` on a fixed corpus (deterministic: same files on every machine). The chat template
+marks assistant turns with `{% generation %}`, so transformers' own assistant mask works on it
+and the tests can check our fallback masking against it. The weights are random (seeded); the
+result is a normal transformers folder that `AutoModelForCausalLM`/`AutoTokenizer` load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCHS = ("llama", "qwen2")
+BUILD_VERSION = 1  # raise when what `build` writes changes
+VOCAB_SIZE = 512
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A user asks a question and the assistant answers it.
+You are a helpful assistant. Answer briefly and politely. What is the capital of France? Paris.
+What is two plus two? Four. Translate hello into French: bonjour. Name a colour: blue, red, green.
+Write a haiku about the sea. The sea is calm tonight; waves whisper to the pale moon; salt on the wind.
+Instruction: summarise the text below. Input: The meeting was moved to Tuesday at ten o'clock.
+Output: The meeting is now on Tuesday at 10. System: you speak like a pirate. Arr, matey, aye aye!
+def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000
+Medical and legal assistants answer questions about symptoms, contracts, patients and clauses.
+The model learns to stop at the end of its turn. Tokens, prompts, answers, labels and masks.
+"""
+
+
+def train_tokenizer():
+    """A `PreTrainedTokenizerFast` with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from loracli.llm.templates import CHATML
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML,
+                                   model_max_length=2048)
+
+
+def config(arch: str, vocab_size: int, tokenizer=None):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHS}")
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    ids = {}
+    if tokenizer is not None:
+        ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=512, tie_word_embeddings=False, **ids)
+
+
+def build(dest: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny `arch` causal LM (config, safetensors, tokenizer, template) into `dest`."""
+    import torch
+    import transformers.utils.logging
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    transformers.utils.logging.disable_progress_bar()
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    cfg = config(arch, len(tokenizer), tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    (dest / "lora_tiny_build.txt").write_text(
+        json.dumps({"arch": arch, "seed": seed, "version": BUILD_VERSION}) + "\n", "utf-8")
+    return dest
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m loracli.llm.tinyllm DEST [ARCH]
+    import sys
+
+    print(build(Path(sys.argv[1]), *(sys.argv[2:3] or ["llama"])))
