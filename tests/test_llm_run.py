@@ -1,0 +1,94 @@
+"""An LLM run folder: started, checkpointed by the task, exported in all three formats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from llm_fixtures import pirate_records, tiny_llama, write_jsonl  # noqa: F401 (fixture)
+
+from loracli.errors import LoraError
+from loracli.llm import runfolder
+from loracli.llm import task as llm_task
+
+pytestmark = pytest.mark.slow
+
+
+def fake_checkpoint(run_dir, step, adapter_state, config, extra=None):
+    """A complete checkpoint in `loracli.runs`' layout holding only the adapter."""
+    from safetensors.torch import save_file
+
+    ckpt = run_dir / "checkpoints" / f"step-{step:06d}"
+    (ckpt / "model").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in adapter_state.items()},
+              str(ckpt / "model" / "adapter_model.safetensors"))
+    (ckpt / "model" / "adapter_config.json").write_text(json.dumps(config))
+    files = {rel: hashlib.sha256((ckpt / rel).read_bytes()).hexdigest()
+             for rel in ("model/adapter_model.safetensors", "model/adapter_config.json")}
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "files": files, **(extra or {})}))
+    (ckpt / "COMPLETE").write_text("")
+    return ckpt
+
+
+@pytest.fixture
+def trained_run(tmp_path, tiny_llama):
+    import torch
+
+    data = write_jsonl(tmp_path / "data" / "pirate.jsonl", pirate_records(8))
+    run_dir = tmp_path / "run"
+    settings = llm_task.Settings(base=str(tiny_llama), data_dir=str(data), dropout=0.0,
+                                 batch_size=4, learning_rate=1e-2)
+    t = llm_task.CausalLMTask(run_dir, settings)
+    opt = torch.optim.AdamW(t.param_groups())
+    for step in range(3):
+        t.loss(t.micro_batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    state, config = t.adapter_state()["model"]
+    mapping = json.loads(json.dumps(
+        {k: (sorted(v) if isinstance(v, (set, frozenset)) else getattr(v, "value", v))
+         for k, v in config.to_dict().items()}))
+    fake_checkpoint(run_dir, 3, state, mapping, {"eval": {"eval_loss": 4.5}})
+    (run_dir / "run.json").write_text(json.dumps({"profile": "pirate", "base": {
+        "model": str(tiny_llama), "path": str(tiny_llama), "family": "causal-lm"}}))
+    return run_dir, t
+
+
+def test_run_exports_in_every_format(trained_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, t = trained_run
+    assert runfolder.is_llm_run(run_dir)
+    ids = torch.tensor([t.encoded[0].ids])
+    with torch.no_grad():
+        t.model.eval()
+        want = t.model(ids).logits
+    peft_out = runfolder.export(run_dir, "peft", dtype="fp32")
+    assert peft_out["step"] == 3 and peft_out["eval"] == {"eval_loss": 4.5}
+    assert peft_out["modules"] == 4  # q and v of 2 layers
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        t.base_folder), peft_out["path"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+    merged = runfolder.export(run_dir, "merged", dtype="fp32")
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged["path"])(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    gguf_out = runfolder.export(run_dir, "gguf")
+    assert gguf_out["path"].endswith("pirate-lora.gguf")
+    # the template the run trained with travels with the exports
+    template = (run_dir / "chat_template.jinja").read_text()
+    assert (run_dir / "pirate-merged" / "chat_template.jinja").read_text() == template
+    with pytest.raises(LoraError, match="already exists"):
+        runfolder.export(run_dir, "gguf")
+    with pytest.raises(LoraError, match="does not apply") as e:
+        runfolder.export(run_dir, "kohya")
+    assert "peft | merged | gguf" in e.value.hint
+
+
+def test_causal_lm_folders_are_told_apart(tiny_llama, tiny_sd):
+    assert runfolder.is_causal_lm(tiny_llama)
+    assert not runfolder.is_causal_lm(tiny_sd)
