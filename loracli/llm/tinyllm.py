@@ -49,7 +49,13 @@ def train_tokenizer():
                                    model_max_length=2048)
 
 
-def config(arch: str, vocab_size: int, tokenizer=None):
+SIZES = {  # hidden, intermediate, layers, heads, kv heads
+    "tiny": (64, 128, 2, 4, 2),      # the tests and the demo: trains in seconds on a CPU
+    "small": (256, 688, 4, 8, 4),    # benchmarks: big enough that the step, not overhead, counts
+}
+
+
+def config(arch: str, vocab_size: int, tokenizer=None, size: str = "tiny"):
     from transformers import LlamaConfig, Qwen2Config
 
     if arch not in ARCHS:
@@ -59,12 +65,13 @@ def config(arch: str, vocab_size: int, tokenizer=None):
     if tokenizer is not None:
         ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=512, tie_word_embeddings=False, **ids)
+    hidden, intermediate, layers, heads, kv = SIZES[size]
+    return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+               max_position_embeddings=2048, tie_word_embeddings=False, **ids)
 
 
-def build(dest: Path, arch: str = "llama", seed: int = 0) -> Path:
+def build(dest: Path, arch: str = "llama", seed: int = 0, size: str = "tiny") -> Path:
     """Write a tiny `arch` causal LM (config, safetensors, tokenizer, template) into `dest`."""
     import torch
     import transformers.utils.logging
@@ -75,7 +82,7 @@ def build(dest: Path, arch: str = "llama", seed: int = 0) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    cfg = config(arch, len(tokenizer), tokenizer)
+    cfg = config(arch, len(tokenizer), tokenizer, size)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
@@ -83,7 +90,7 @@ def build(dest: Path, arch: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     (dest / "lora_tiny_build.txt").write_text(
-        json.dumps({"arch": arch, "seed": seed, "version": BUILD_VERSION}) + "\n", "utf-8")
+        json.dumps({"arch": arch, "seed": seed, "size": size, "version": BUILD_VERSION}) + "\n", "utf-8")
     return dest
 
 

@@ -1,0 +1,194 @@
+"""LLM LoRA training speed and peak memory: our causal-LM step against TRL's SFTTrainer.
+
+    .venv/bin/python benchmarks/llm.py                       # CPU, "small" Llama, one run each
+    .venv/bin/python benchmarks/llm.py --size tiny --examples 64
+    .venv/bin/python benchmarks/llm.py --quantize 4bit       # QLoRA on both sides (GPU or CPU)
+
+Both sides train the same model (built from a config by `loracli.llm.tinyllm`, random weights),
+on the same chat records, with the same settings: LoRA r 8, alpha 16, dropout 0.1 on
+q_proj/v_proj, AdamW lr 2e-4 constant, batch 8, one epoch, max length 256, loss on the answers
+only, no packing. When TRL is not installed the reference is plain peft with a hand-written loop
+(the same loop `lora train` runs; it then measures our data path against the naive one).
+
+Each side runs in its own process, so the peak memory (CUDA allocator peak on a GPU, peak RSS on
+the CPU) is its own. Tokens/s counts the real (unpadded) tokens of every example trained on,
+divided by the wall time of the training steps alone (model loading and data preparation are
+left out on both sides). Prints a table and one JSON line per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the model answers questions about contracts patients symptoms clauses and colours "
+         "it stops at the end of its turn and speaks briefly politely like a pirate").split()
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def sentence(lo, hi):
+        return " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi)))).capitalize() + "."
+
+    return [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                          {"role": "user", "content": sentence(8, 40)},
+                          {"role": "assistant", "content": sentence(10, 120)}]}
+            for _ in range(n)]
+
+
+def peak_memory_mib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
+    import torch
+
+    from loracli.llm import task as llm_task
+    from loracli.training import seed_from
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = llm_task.Settings(base=str(model_dir), data_dir=str(data), max_length=256,
+                                 batch_size=args.batch, learning_rate=2e-4, seed=42,
+                                 quantize=args.quantize, gradient_checkpointing=args.checkpointing)
+    task = llm_task.CausalLMTask(work / "run", settings, device=device)
+    opt = torch.optim.AdamW(task.param_groups(), weight_decay=0.0)
+    task.model.train()
+    steps = task.batches_per_epoch
+    tokens = sum(len(e.ids) for e in task.encoded)
+    start = time.perf_counter()
+    for step in range(steps):
+        torch.manual_seed(seed_from(42, step, 0, 2))
+        batch = task.micro_batch(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = task.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"side": "lora (CausalLMTask)", "steps": steps, "tokens": tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "peak_mib": round(peak_memory_mib(device), 1), "last_loss": round(float(loss), 4)}
+
+
+def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kwargs = {"dtype": torch.float32}
+    if args.quantize:
+        kwargs.update(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32),
+            device_map={"": str(device)})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    config = SFTConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch,
+                       num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="constant",
+                       weight_decay=0.0, max_length=256, assistant_only_loss=True, packing=False,
+                       logging_steps=10_000, save_strategy="no", report_to=[], seed=42,
+                       use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+                       dataloader_num_workers=0, gradient_checkpointing=args.checkpointing,
+                       max_grad_norm=1.0, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    start = time.perf_counter()
+    out = trainer.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"side": f"TRL SFTTrainer {__import__('trl').__version__}",
+            "steps": out.global_step, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "peak_mib": round(peak_memory_mib(device), 1),
+            "last_loss": round(float(out.training_loss), 4)}
+
+
+def child(args) -> None:
+    work = Path(args.work)
+    fn = run_ours if args.side == "ours" else run_trl
+    print("RESULT " + json.dumps(fn(args, work / "model", work / "data.jsonl", work)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--arch", default="llama", choices=("llama", "qwen2"))
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--quantize", default="", choices=("", "4bit"))
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        return child(args)
+
+    from loracli.llm import tinyllm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tinyllm.build(work / "model", args.arch, size=args.size)
+        (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                 for r in records(args.examples)))
+        try:
+            import trl  # noqa: F401
+            sides = ["ours", "trl"]
+        except ImportError:
+            print("TRL is not installed: pip install trl for the reference side", file=sys.stderr)
+            sides = ["ours"]
+        results = []
+        for side in sides:
+            cmd = [sys.executable, __file__, "--side", side, "--work", str(work),
+                   "--batch", str(args.batch), "--quantize", args.quantize]
+            if args.checkpointing:
+                cmd.append("--checkpointing")
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{side} failed")
+            results.append(json.loads(line[7:]))
+    print(f"model: tiny-llm {args.arch} {args.size}, {args.examples} examples, batch "
+          f"{args.batch}, quantize {args.quantize or 'no'}, checkpointing {args.checkpointing}")
+    print(f"{'side':32} {'steps':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak MiB':>9}")
+    for r in results:
+        print(f"{r['side']:32} {r['steps']:>5} {r['tokens']:>7} {r['seconds']:>8} "
+              f"{r['tokens_per_s']:>9} {r['peak_mib']:>9}")
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
