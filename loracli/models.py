@@ -64,9 +64,13 @@ ALIASES: dict[str, Alias] = {
                            "CLIP ViT-L/14 (OpenAI) for open_clip: what `lora caption` uses"),
     "tiny-sd": Alias("loracli/tiny-sd", ("*",), "a tiny SD1-shaped pipeline, built locally",
                      local=True),
+    "tiny-llama": Alias("loracli/tiny-llama", ("*",), "a tiny Llama chat model (ChatML), built "
+                        "locally", local=True),
+    "tiny-qwen2": Alias("loracli/tiny-qwen2", ("*",), "a tiny Qwen2 chat model (ChatML), built "
+                        "locally", local=True),
 }
 OLD_NAMES = {old: alias for alias, a in ALIASES.items() for old in a.old_names}
-TINY = {"tiny-sd": "sd1"}
+TINY = {"tiny-sd": "sd1", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -231,7 +235,7 @@ def _tiny_snapshot(repo_id: str, repo_dir: Path, cache: Path, build_id: str) -> 
     """The cached tiny model when it was built by this version of lora (else it is rebuilt)."""
     commit = commit_for(repo_id, "main", cache)
     snap = repo_dir / "snapshots" / commit if commit else None
-    if snap and (snap / "model_index.json").is_file():
+    if snap and ((snap / "model_index.json").is_file() or (snap / "config.json").is_file()):
         marker = snap / tiny.BUILD_FILE
         if marker.is_file() and marker.read_text("utf-8").strip() == build_id:
             return snap
@@ -250,7 +254,10 @@ def install_tiny(name: str = "tiny-sd") -> Path:
     repo_id = ALIASES[name].repo_id
     cache = paths.cache_dir()
     repo_dir = repo_folder(repo_id, cache)
-    build_id = tiny.build_id()
+    llm = TINY[name] not in tiny.FAMILIES
+    if llm:
+        from loracli.llm import tinyllm
+    build_id = tinyllm.build_id() if llm else tiny.build_id()
     current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
     if current:
         return current
@@ -262,7 +269,10 @@ def install_tiny(name: str = "tiny-sd") -> Path:
             return current
         build = repo_dir / f".build-{os.getpid()}"
         shutil.rmtree(build, ignore_errors=True)
-        tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
+        if llm:
+            tinyllm.build(build, TINY[name])
+        else:
+            tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
         (build / tiny.BUILD_FILE).write_text(build_id + "\n", "utf-8")
         files = sorted(p for p in build.rglob("*") if p.is_file())
         digests = {}

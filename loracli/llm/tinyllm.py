@@ -9,7 +9,6 @@ result is a normal transformers folder that `AutoModelForCausalLM`/`AutoTokenize
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ARCHS = ("llama", "qwen2")
@@ -28,6 +27,11 @@ def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000
 Medical and legal assistants answer questions about symptoms, contracts, patients and clauses.
 The model learns to stop at the end of its turn. Tokens, prompts, answers, labels and masks.
 """
+
+
+def build_id() -> str:
+    """Identifies what `build` writes with this version of lora (the cache rebuilds on change)."""
+    return f"llm-{BUILD_VERSION}"
 
 
 def train_tokenizer():
@@ -89,8 +93,6 @@ def build(dest: Path, arch: str = "llama", seed: int = 0, size: str = "tiny") ->
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
-    (dest / "lora_tiny_build.txt").write_text(
-        json.dumps({"arch": arch, "seed": seed, "size": size, "version": BUILD_VERSION}) + "\n", "utf-8")
     return dest
 
 

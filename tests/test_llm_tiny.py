@@ -1,0 +1,55 @@
+"""The tiny LLMs: deterministic, loadable by plain transformers, installable into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from llm_fixtures import tiny_llama, tiny_qwen2  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow
+
+
+def digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".built"}
+
+
+def test_the_build_is_deterministic(tiny_llama, tmp_path):
+    from loracli.llm import tinyllm
+
+    assert digests(tinyllm.build(tmp_path / "again", "llama")) == digests(tiny_llama)
+
+
+@pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+def test_tiny_models_load_with_plain_transformers(arch, cls, request):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = request.getfixturevalue(f"tiny_{arch}")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == cls
+    assert len(tok) == model.config.vocab_size == 512
+    assert "{% generation %}" in tok.chat_template
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == tok.eos_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert tok.decode(ids[0]) == text  # byte-level BPE round-trips
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], 512)
+
+
+def test_tiny_llama_installs_into_the_model_cache():
+    from loracli import models
+    from loracli.llm import runfolder
+    from loracli.llm.task import resolve_base
+
+    snap = models.install_tiny("tiny-llama")
+    assert (snap / "config.json").is_file() and runfolder.is_causal_lm(snap)
+    assert models.install_tiny("tiny-llama") == snap  # idempotent: same commit
+    assert resolve_base("tiny-llama") == models.local_snapshot("tiny-llama") == snap
+    assert models.resolve("tiny-qwen2").local
