@@ -34,6 +34,15 @@ DIFFUSERS_INCLUDE = (
     "feature_extractor/*",
 )
 OPEN_CLIP_INCLUDE = ("open_clip_config.json", "open_clip_model.safetensors")
+# A transformers causal LM: configs, safetensors shards and their index, every tokenizer file
+# and the chat template; never pickled weights (*.bin, *.pt, *.pth) or other runtimes' copies.
+CAUSAL_LM_INCLUDE = (
+    "config.json", "generation_config.json",
+    "model*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,16 @@ ALIASES: dict[str, Alias] = {
     # finds the weights offline.
     "clip-vit-l-14": Alias("timm/vit_large_patch14_clip_224.openai", OPEN_CLIP_INCLUDE,
                            "CLIP ViT-L/14 (OpenAI) for open_clip: what `lora caption` uses"),
+    "qwen2.5-0.5b-instruct": Alias("Qwen/Qwen2.5-0.5B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Qwen2.5 0.5B Instruct (chat LLM, 1 GB)"),
+    "qwen2.5-1.5b-instruct": Alias("Qwen/Qwen2.5-1.5B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Qwen2.5 1.5B Instruct (chat LLM, 3 GB)"),
+    "qwen3-0.6b": Alias("Qwen/Qwen3-0.6B", CAUSAL_LM_INCLUDE, "Qwen3 0.6B (chat LLM, 1.5 GB)"),
+    "llama-3.2-1b-instruct": Alias("meta-llama/Llama-3.2-1B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Llama 3.2 1B Instruct (gated: accept the licence, set "
+                                   "HF_TOKEN)"),
+    "llama-3.1-8b-instruct": Alias("meta-llama/Llama-3.1-8B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Llama 3.1 8B Instruct (gated; QLoRA fits 24 GB)"),
     "tiny-sd": Alias("loracli/tiny-sd", ("*",), "a tiny SD1-shaped pipeline, built locally",
                      local=True),
     "tiny-llama": Alias("loracli/tiny-llama", ("*",), "a tiny Llama chat model (ChatML), built "

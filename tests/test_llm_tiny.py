@@ -53,3 +53,18 @@ def test_tiny_llama_installs_into_the_model_cache():
     assert models.install_tiny("tiny-llama") == snap  # idempotent: same commit
     assert resolve_base("tiny-llama") == models.local_snapshot("tiny-llama") == snap
     assert models.resolve("tiny-qwen2").local
+
+
+def test_llm_aliases_fetch_safetensors_tokenizer_and_template_only():
+    from loracli import models
+
+    ref = models.resolve("qwen2.5-0.5b-instruct")
+    assert ref.repo_id == "Qwen/Qwen2.5-0.5B-Instruct"
+    wanted = ["config.json", "generation_config.json", "model.safetensors",
+              "model-00001-of-00004.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "merges.txt", "vocab.json",
+              "chat_template.jinja", "tokenizer.model"]
+    unwanted = ["pytorch_model.bin", "consolidated.pth", "onnx/model.onnx", "original/params.pt",
+                "README.md"]
+    assert all(models.matches(f, ref.include) for f in wanted)
+    assert not any(models.matches(f, ref.include) for f in unwanted)

@@ -54,7 +54,7 @@ def load_base(folder: Path, quantize: str = "", device: str = "cpu", dtype=None)
 
     transformers.utils.logging.disable_progress_bar()
     dtype = dtype or torch.float32
-    kwargs = {"dtype": dtype, "local_files_only": True}
+    kwargs = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}  # no pickles
     q = quantization_config(quantize, dtype)
     if q is not None:
         kwargs["quantization_config"] = q

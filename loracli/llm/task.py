@@ -24,6 +24,7 @@ from loracli.llm import batches, causal, data, templates
 
 TEMPLATE_FILE = "chat_template.jinja"  # in the run folder: the template trained with
 COMPONENT = "model"                    # checkpoints/step-N/model/adapter_model.safetensors
+IMAGE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # profiles' [lora] targets default
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class Settings:
         def get(section, key, default):
             return getattr(getattr(p, section), key, default)
 
+        targets = tuple(p.lora.targets)
+        if targets == IMAGE_TARGETS:  # the profile kept the image default: use the LLM one
+            targets = causal.DEFAULT_TARGETS
+
         return cls(base=p.model.base, quantize=get("model", "quantize", ""), data_dir=p.data.dir,
                    format=get("data", "format", "auto"),
                    max_length=get("data", "max_length", 1024),
@@ -65,7 +70,7 @@ class Settings:
                    train_on_prompt=get("data", "train_on_prompt", False),
                    eval_split=get("data", "eval_split", 0.0),
                    template=get("data", "template", ""), rank=p.lora.rank, alpha=p.lora.alpha,
-                   dropout=p.lora.dropout, targets=tuple(p.lora.targets), rslora=p.lora.rslora,
+                   dropout=p.lora.dropout, targets=targets, rslora=p.lora.rslora,
                    dora=p.lora.dora, batch_size=p.train.batch_size,
                    accumulation=p.train.gradient_accumulation, seed=p.train.seed,
                    gradient_checkpointing=p.train.gradient_checkpointing,
