@@ -49,8 +49,9 @@ def test_peft_export_loads_with_peft_and_keeps_the_template(tiny_llama, tmp_path
 
     model, state, config = trained_adapter(tiny_llama)
     tok = causal.load_tokenizer(tiny_llama)
-    dest = exports.write_peft(tmp_path / "out", state, config, tok, tok.chat_template,
-                              base_model="loracli/tiny-llama")
+    dest = tmp_path / "out"
+    assert not exports.write_peft(dest, state, config, tok, tok.chat_template,
+                                  base_model="loracli/tiny-llama")
     assert json.loads((dest / "adapter_config.json").read_text())["base_model_name_or_path"] \
         == "loracli/tiny-llama"
     assert (dest / "chat_template.jinja").read_text() == tok.chat_template
@@ -59,8 +60,8 @@ def test_peft_export_loads_with_peft_and_keeps_the_template(tiny_llama, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     assert AutoTokenizer.from_pretrained(dest).chat_template == tok.chat_template
-    with pytest.raises(LoraError, match="already exists") as e:
-        exports.write_peft(dest, state, config, tok, tok.chat_template)
+    with pytest.raises(LoraError, match="already exists") as e:  # a different export
+        exports.write_peft(dest, state, config, tok, tok.chat_template, base_model="other")
     assert "--force" in e.value.hint
     assert not list(tmp_path.glob(".out.partial*"))
 
@@ -73,8 +74,8 @@ def test_merged_logits_equal_base_plus_adapter(arch, request, tmp_path):
     folder = request.getfixturevalue(f"tiny_{arch}")
     _, state, config = trained_adapter(folder)
     tok = causal.load_tokenizer(folder)
-    dest = exports.write_merged(tmp_path / "merged", folder, state, config, tok,
-                                tok.chat_template, dtype="fp32")
+    dest = tmp_path / "merged"
+    exports.write_merged(dest, folder, state, config, tok, tok.chat_template, dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(dest)
     oracle = AutoModelForCausalLM.from_pretrained(folder)
     weights = dict(oracle.named_parameters())
@@ -96,8 +97,8 @@ def test_merged_generation_config_stops_at_the_templates_end_of_turn(tiny_llama,
     _, state, config = trained_adapter(tiny_llama)
     tok = causal.load_tokenizer(tiny_llama)
     tok.eos_token = "<|endoftext|>"  # a base model whose eos is not the chat end of turn
-    dest = exports.write_merged(tmp_path / "m", tiny_llama, state, config, tok,
-                                tok.chat_template, dtype="fp16")
+    dest = tmp_path / "m"
+    exports.write_merged(dest, tiny_llama, state, config, tok, tok.chat_template, dtype="fp16")
     gen = GenerationConfig.from_pretrained(dest)
     assert gen.eos_token_id == [tok.convert_tokens_to_ids("<|im_end|>"),
                                 tok.convert_tokens_to_ids("<|endoftext|>")]
@@ -139,8 +140,8 @@ def test_gguf_llama_adapter_names_shapes_and_rope_permutation(tiny_llama, tmp_pa
     import numpy as np
 
     _, state, config = trained_adapter(tiny_llama)
-    path = llamacpp.write(tmp_path / "a.gguf", state, config, tiny_llama, dtype="fp32",
-                          name="tiny")
+    path = tmp_path / "a.gguf"
+    assert not llamacpp.write(path, state, config, tiny_llama, dtype="fp32", name="tiny")
     fields, tensors = read_gguf(path)
     assert fields["general.architecture"] == "llama"
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
@@ -172,7 +173,8 @@ def test_gguf_qwen2_keeps_row_order_and_fp16(tiny_qwen2, tmp_path):
 
     _, state, config = trained_adapter(tiny_qwen2, targets=("q_proj", "v_proj"), rank=8,
                                        alpha=16.0, rslora=True)
-    path = llamacpp.write(tmp_path / "q.gguf", state, config, tiny_qwen2, dtype="fp16")
+    path = tmp_path / "q.gguf"
+    llamacpp.write(path, state, config, tiny_qwen2, dtype="fp16")
     fields, tensors = read_gguf(path)
     assert fields["general.architecture"] == "qwen2"
     assert fields["adapter.lora.alpha"] == pytest.approx(16.0 * 8 ** 0.5)  # rsLoRA scale kept

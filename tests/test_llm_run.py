@@ -66,24 +66,29 @@ def test_run_exports_in_every_format(trained_run):
     with torch.no_grad():
         t.model.eval()
         want = t.model(ids).logits
-    peft_out = runfolder.export(run_dir, "peft", dtype="fp32")
+    peft_out = runfolder.export(run_dir, "peft", dtype="fp32").to_dict()
     assert peft_out["step"] == 3 and peft_out["eval"] == {"eval_loss": 4.5}
-    assert peft_out["modules"] == 4  # q and v of 2 layers
+    assert peft_out["modules"] == {"model": 4}  # q and v of 2 layers
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
         t.base_folder), peft_out["path"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want)
     merged = runfolder.export(run_dir, "merged", dtype="fp32")
     with torch.no_grad():
-        got = AutoModelForCausalLM.from_pretrained(merged["path"])(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged.path)(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     gguf_out = runfolder.export(run_dir, "gguf")
-    assert gguf_out["path"].endswith("pirate-lora.gguf")
+    assert gguf_out.path.name == "pirate-lora.gguf" and not gguf_out.already
     # the template the run trained with travels with the exports
     template = (run_dir / "chat_template.jinja").read_text()
     assert (run_dir / "pirate-merged" / "chat_template.jinja").read_text() == template
-    with pytest.raises(LoraError, match="already exists"):
-        runfolder.export(run_dir, "gguf")
+    # repeating an export succeeds ("already exported"); a different one needs --force
+    assert runfolder.export(run_dir, "gguf").already
+    assert runfolder.export(run_dir, "peft", dtype="fp32").already
+    with pytest.raises(LoraError, match="already exists") as e:
+        runfolder.export(run_dir, "peft", dtype="fp16")
+    assert "--force" in e.value.hint
+    assert not runfolder.export(run_dir, "peft", dtype="fp16", force=True).already
     with pytest.raises(LoraError, match="does not apply") as e:
         runfolder.export(run_dir, "kohya")
     assert "peft | merged | gguf" in e.value.hint

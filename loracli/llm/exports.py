@@ -41,24 +41,38 @@ def _torch_dtype(dtype: str):
     return getattr(torch, DTYPES[dtype])
 
 
+def same_folder(a: Path, b: Path) -> bool:
+    """Whether two folders hold the same files with the same bytes."""
+    files_a = sorted(p.relative_to(a) for p in Path(a).rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in Path(b).rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes()
+                                      for f in files_a)
+
+
 class _Staging:
-    """A sibling temp folder renamed onto `dest` on success, removed on failure."""
+    """A sibling temp folder renamed onto `dest` on success, removed on failure. When `dest`
+    exists without `force`: identical → left alone (`already` set), different → refused."""
 
     def __init__(self, dest: Path, force: bool):
-        self.dest = Path(dest)
-        if self.dest.exists() and not force:
-            raise LoraError(f"{self.dest} already exists",
-                            "pass --force to replace it, or -o to write somewhere else")
+        self.dest, self.force, self.already = Path(dest), force, False
         self.tmp = self.dest.with_name(f".{self.dest.name}.partial-{os.getpid()}")
 
-    def __enter__(self) -> Path:
+    def __enter__(self) -> "_Staging":
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        return self.tmp
+        return self
 
     def __exit__(self, kind, value, tb):
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.dest.exists() and not self.force:
+            identical = self.dest.is_dir() and same_folder(self.tmp, self.dest)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not identical:
+                raise LoraError(f"{self.dest} already exists (a different export)",
+                                "pass --force to replace it, or -o to write somewhere else")
+            self.already = True
             return False
         for f in self.tmp.rglob("*"):
             if f.is_file():
@@ -81,20 +95,22 @@ def _save_tokenizer(folder: Path, tokenizer, template: str) -> None:
 
 
 def write_peft(dest: Path, state: dict, adapter_config: dict, tokenizer, template: str,
-               base_model: str = "", dtype: str = "fp32", force: bool = False) -> Path:
-    """A peft adapter folder (what `PeftModel.from_pretrained` and vLLM's LoRA loader read)."""
+               base_model: str = "", dtype: str = "fp32", force: bool = False) -> bool:
+    """A peft adapter folder (what `PeftModel.from_pretrained` and vLLM's LoRA loader read).
+    Returns True when an identical export was already there."""
     from safetensors.torch import save_file
 
     torch_dtype = _torch_dtype(dtype)
     config = {**adapter_config, "base_model_name_or_path": base_model or
               adapter_config.get("base_model_name_or_path")}
-    with _Staging(dest, force) as tmp:
+    with _Staging(dest, force) as staging:
+        tmp = staging.tmp
         save_file({k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()},
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True),
                                                  "utf-8")
         _save_tokenizer(tmp, tokenizer, template)
-    return Path(dest)
+    return staging.already
 
 
 def merged_model(base_folder: Path, state: dict, adapter_config: dict, weight: float = 1.0):
@@ -127,8 +143,9 @@ def generation_ids(tokenizer, template: str) -> list[int]:
 
 def write_merged(dest: Path, base_folder: Path, state: dict, adapter_config: dict, tokenizer,
                  template: str, dtype: str = "fp16", weight: float = 1.0,
-                 force: bool = False) -> Path:
-    """A full transformers model folder: merged weights, tokenizer, template, end tokens."""
+                 force: bool = False) -> bool:
+    """A full transformers model folder: merged weights, tokenizer, template, end tokens.
+    Returns True when an identical export was already there."""
     from transformers import GenerationConfig
 
     torch_dtype = _torch_dtype(dtype)
@@ -143,7 +160,7 @@ def write_merged(dest: Path, base_folder: Path, state: dict, adapter_config: dic
         generation.pad_token_id = tokenizer.pad_token_id
     model.generation_config = generation
     model.config.use_cache = True
-    with _Staging(dest, force) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        _save_tokenizer(tmp, tokenizer, template)
-    return Path(dest)
+    with _Staging(dest, force) as staging:
+        model.save_pretrained(str(staging.tmp), safe_serialization=True)
+        _save_tokenizer(staging.tmp, tokenizer, template)
+    return staging.already

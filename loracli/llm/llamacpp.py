@@ -90,8 +90,9 @@ def tensors(state: dict, adapter_config: dict, model_config: dict) -> tuple[str,
 
 
 def write(dest: Path, state: dict, adapter_config: dict, base_folder: Path,
-          dtype: str = "fp16", name: str = "") -> Path:
-    """Write the adapter as one .gguf file at `dest` (atomically)."""
+          dtype: str = "fp16", name: str = "", force: bool = True) -> bool:
+    """Write the adapter as one .gguf file at `dest` (atomically). Without `force` an existing
+    different file is refused; an identical one is left alone (returns True: already there)."""
     import os
     import tempfile
 
@@ -129,6 +130,12 @@ def write(dest: Path, state: dict, adapter_config: dict, base_folder: Path,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if dest.exists() and not force:
+            if dest.is_file() and dest.read_bytes() == Path(tmp).read_bytes():
+                Path(tmp).unlink()
+                return True
+            raise LoraError(f"{dest} already exists (a different export)",
+                            "pass --force to replace it, or -o to write somewhere else")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -136,4 +143,4 @@ def write(dest: Path, state: dict, adapter_config: dict, base_folder: Path,
         Path(tmp).unlink(missing_ok=True)
         raise
     atomic.fsync_dir(dest.parent)
-    return dest
+    return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracli import atomic
@@ -81,10 +82,30 @@ def default_output(run_dir: Path, name: str, format: str) -> Path:
             "gguf": run_dir / f"{name}-lora.gguf"}[format]
 
 
+@dataclass(frozen=True)
+class Exported:
+    """What `lora export` reports about an LLM export (the image exports' fields, plus eval)."""
+
+    path: Path
+    format: str
+    name: str
+    step: int
+    dtype: str
+    modules: dict = field(default_factory=dict)
+    already: bool = False
+    base: str = ""
+    eval: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "name": self.name,
+                "step": self.step, "dtype": self.dtype, "modules": self.modules,
+                "already_exported": self.already, "base": self.base, "eval": self.eval}
+
+
 def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: str = "fp16",
            output: str | Path | None = None, name: str | None = None, force: bool = False,
-           weight: float = 1.0) -> dict:
-    """Write one export of an LLM run; returns what `lora export --json` prints."""
+           weight: float = 1.0) -> Exported:
+    """Write one export of an LLM run (peft folder, merged model folder or GGUF adapter)."""
     from safetensors.torch import load_file
 
     from loracli import runs
@@ -104,6 +125,7 @@ def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: 
     config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
     facts = json.loads((checkpoint.path / "state.json").read_text("utf-8"))
     base = _base_folder(info)
+    base_name = info.get("base", {}).get("model", "")
     name = name or info.get("profile") or run_dir.name
     target = Path(output).expanduser() if output else default_output(run_dir, name, format)
     tokenizer = causal.load_tokenizer(base)
@@ -111,16 +133,13 @@ def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: 
     template = template_path.read_text("utf-8") if template_path.is_file() \
         else tokenizer.chat_template
     if format == "gguf":
-        if target.exists() and not force:
-            raise LoraError(f"{target} already exists", "pass --force to replace it")
-        llamacpp.write(target, state, config, base, dtype, name)
+        already = llamacpp.write(target, state, config, base, dtype, name, force)
     elif format == "peft":
-        exports.write_peft(target, state, config, tokenizer, template,
-                           info.get("base", {}).get("model", ""), dtype, force)
+        already = exports.write_peft(target, state, config, tokenizer, template, base_name,
+                                     dtype, force)
     else:
-        exports.write_merged(target, base, state, config, tokenizer, template, dtype, weight,
-                             force)
-    return {"path": str(target), "format": format, "name": name, "step": checkpoint.step,
-            "dtype": dtype, "base": info.get("base", {}).get("model"),
-            "modules": len([k for k in state if ".lora_A." in k]),
-            "eval": facts.get("eval") or {}}
+        already = exports.write_merged(target, base, state, config, tokenizer, template, dtype,
+                                       weight, force)
+    return Exported(target, format, name, checkpoint.step, dtype,
+                    {COMPONENT: len([k for k in state if ".lora_A." in k])}, already, base_name,
+                    facts.get("eval") or {})
