@@ -44,6 +44,13 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def recorded_fingerprint(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "dataset.json").read_text("utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def write_start(run_dir: Path, profile, version: str) -> Path:
     """run.json and dataset.json of a new LLM run (the caller has written profile.toml)."""
     base = resolve_base(profile.model.base)
