@@ -34,6 +34,19 @@ def is_causal_lm(folder: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
+def wants(profile) -> bool:
+    """Whether a profile trains a causal LM: model.family says so, or its base is one."""
+    family = getattr(profile.model, "family", "auto")
+    if family == FAMILY:
+        return True
+    if family != "auto":
+        return False
+    try:
+        return is_causal_lm(resolve_base(profile.model.base))
+    except LoraError:  # not a transformers folder, or not cached: the image path reports it
+        return False
+
+
 def fingerprint(path: str | Path) -> str:
     """A hash of the data files' names and contents (a resumed run warns when it changed)."""
     import hashlib
