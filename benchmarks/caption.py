@@ -1,7 +1,7 @@
 """How fast `lora caption` labels a folder: images/s batched against one image at a time, and the
 time the second run spends on label text embeddings (the on-disk cache should make it ~0).
 
-Runs the real pipeline (`captions.caption_folder`: decode, preprocess, encode, rank, write) on
+Runs the real pipeline (`captioning.caption_folder`: decode, preprocess, encode, rank, write) on
 synthetic JPEGs, with the tiny open_clip (`loracli.tiny`) and a random-weight ViT-B-32 built from
 open_clip's own config (`pretrained=None`; no download). Run by hand:
 
@@ -53,10 +53,10 @@ def build(name: str, workdir: Path):
 
 
 def run(folder: Path, clip, batch: int) -> dict:
-    from loracli import captions
+    from loracli import captioning
 
-    options = captions.Options(existing="overwrite", batch_size=batch)
-    return captions.caption_folder(folder, options, clip=clip)
+    options = captioning.Options(existing="overwrite", batch_size=batch)
+    return captioning.caption_folder(folder, options, clip=clip)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ continue from a batch index.
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections import Counter, defaultdict
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from loracli import metadata_csv
 from loracli.errors import LoraError
 from loracli.images import ImageError, find_images, is_image, load_rgb
 
@@ -58,18 +58,6 @@ class Dataset:
         return dict(sorted(groups.items()))
 
 
-def _read_metadata(folder: Path) -> dict[str, str]:
-    path = folder / "metadata.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "file_name" not in reader.fieldnames:
-            raise LoraError(f"{path}: needs a file_name column (and text)",
-                            "write it as `file_name,text`, or delete it to use caption files")
-        return {row["file_name"].strip(): (row.get("text") or "").strip() for row in reader}
-
-
 def _with_trigger(caption: str, trigger: str) -> str:
     if not trigger:
         return caption
@@ -96,7 +84,7 @@ def scan(folder, caption_ext: str = ".txt", trigger: str = "",
             places.append((sub, sub.name, int(m.group(1)) if m else 1))
     examples, uncaptioned = [], []
     for place, name, repeats in places:
-        meta = _read_metadata(place)
+        meta = metadata_csv.captions(place)
         for image in find_images(place):
             rel = image.relative_to(place).as_posix()
             if rel in meta:

@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from loracli import banks, captions
+from loracli import banks, caption_files, captions, metadata_csv
 from loracli.banks import Category
-from loracli.captions import Entry
+from loracli.caption_files import Entry
 from loracli.errors import LoraError
 
 
@@ -189,10 +189,10 @@ def test_plan_keeps_the_newer_of_metadata_row_and_caption_file(tmp_path):
     (tmp_path / "metadata.csv").write_text("file_name,text\na.png,from row\nb.png,row b\nd.png,\n",
                                            "utf-8")
     os.utime(tmp_path / "a.txt", (1e9, 1e9))  # written before metadata.csv
-    entries = captions.plan(tmp_path, sorted(tmp_path.glob("*.png")), ".txt")
+    entries = caption_files.plan(tmp_path, sorted(tmp_path.glob("*.png")), ".txt")
     assert [e.existing for e in entries] == ["from row", "row b", None, "d file"]
     os.utime(tmp_path / "a.txt", (4e9, 4e9))  # edited after metadata.csv: the edit wins
-    entries = captions.plan(tmp_path, sorted(tmp_path.glob("*.png")), ".txt")
+    entries = caption_files.plan(tmp_path, sorted(tmp_path.glob("*.png")), ".txt")
     assert [e.existing for e in entries] == ["from file", "row b", None, "d file"]
 
 
@@ -202,7 +202,7 @@ def test_metadata_keeps_other_columns_and_rows(tmp_path):
     entries = [Entry(tmp_path / "a.png", tmp_path / "a.txt", "old", "new, tags", "captioned"),
                Entry(tmp_path / "b.png", tmp_path / "b.txt", None, "b tags", "captioned"),
                Entry(tmp_path / "c.png", tmp_path / "c.txt", None, None, "failed")]
-    text = captions.metadata_text(["file_name", "text", "score"], old, entries)
+    text = caption_files.metadata_text(["file_name", "text", "score"], old, entries)
     rows = list(csv.DictReader(io.StringIO(text)))
     assert rows == [{"file_name": "a.png", "text": "new, tags", "score": "5"},
                     {"file_name": "b.png", "text": "b tags", "score": ""},
@@ -212,7 +212,7 @@ def test_metadata_keeps_other_columns_and_rows(tmp_path):
 def test_metadata_without_file_name_is_a_clear_error(tmp_path):
     (tmp_path / "metadata.csv").write_text("image,caption\na.png,x\n", "utf-8")
     with pytest.raises(LoraError, match="file_name"):
-        captions.read_metadata(tmp_path)
+        metadata_csv.read(tmp_path)
 
 
 # --- the command's errors (no model needed) --------------------------------------------------

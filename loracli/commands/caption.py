@@ -33,14 +33,14 @@ def caption(
 
     Weights come from the model cache only (`lora fetch clip-vit-l-14`); nothing is downloaded.
     """
-    from loracli import captions
+    from loracli import captioning
 
-    options = captions.Options(
+    options = captioning.Options(
         labels=tuple(labels or ()), model=model, weights=weights, prefix=prefix, ext=ext,
         existing=existing, recursive=recursive, dry_run=dry_run, batch_size=batch_size,
         device=device)
     with _progress(json) as on_progress:
-        result = captions.caption_folder(folder, options, on_progress=on_progress)
+        result = captioning.caption_folder(folder, options, on_progress=on_progress)
     output.emit(result, json, _render)
 
 
