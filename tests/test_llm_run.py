@@ -9,7 +9,7 @@ import pytest
 from llm_fixtures import pirate_records, tiny_llama, write_jsonl  # noqa: F401 (fixture)
 
 from loracli.errors import LoraError
-from loracli.llm import runfolder
+from loracli.llm import runexport, runfolder
 from loracli.llm import task as llm_task
 
 pytestmark = pytest.mark.slow
@@ -66,31 +66,31 @@ def test_run_exports_in_every_format(trained_run):
     with torch.no_grad():
         t.model.eval()
         want = t.model(ids).logits
-    peft_out = runfolder.export(run_dir, "peft", dtype="fp32").to_dict()
+    peft_out = runexport.export(run_dir, "peft", dtype="fp32").to_dict()
     assert peft_out["step"] == 3 and peft_out["eval"] == {"eval_loss": 4.5}
     assert peft_out["modules"] == {"model": 4}  # q and v of 2 layers
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
         t.base_folder), peft_out["path"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want)
-    merged = runfolder.export(run_dir, "merged", dtype="fp32")
+    merged = runexport.export(run_dir, "merged", dtype="fp32")
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(merged.path)(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    gguf_out = runfolder.export(run_dir, "gguf")
+    gguf_out = runexport.export(run_dir, "gguf")
     assert gguf_out.path.name == "pirate-lora.gguf" and not gguf_out.already
     # the template the run trained with travels with the exports
     template = (run_dir / "chat_template.jinja").read_text()
     assert (run_dir / "pirate-merged" / "chat_template.jinja").read_text() == template
     # repeating an export succeeds ("already exported"); a different one needs --force
-    assert runfolder.export(run_dir, "gguf").already
-    assert runfolder.export(run_dir, "peft", dtype="fp32").already
+    assert runexport.export(run_dir, "gguf").already
+    assert runexport.export(run_dir, "peft", dtype="fp32").already
     with pytest.raises(LoraError, match="already exists") as e:
-        runfolder.export(run_dir, "peft", dtype="fp16")
+        runexport.export(run_dir, "peft", dtype="fp16")
     assert "--force" in e.value.hint
-    assert not runfolder.export(run_dir, "peft", dtype="fp16", force=True).already
+    assert not runexport.export(run_dir, "peft", dtype="fp16", force=True).already
     with pytest.raises(LoraError, match="does not apply") as e:
-        runfolder.export(run_dir, "kohya")
+        runexport.export(run_dir, "kohya")
     assert "peft | merged | gguf" in e.value.hint
 
 

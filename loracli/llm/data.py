@@ -213,3 +213,20 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     chosen = set(np.random.default_rng([seed, 7]).permutation(n)[:held].tolist())
     return ([e for i, e in enumerate(examples) if i not in chosen],
             [e for i, e in enumerate(examples) if i in chosen])
+
+
+def fingerprint(path: str | Path) -> str:
+    """A hash of the data files' names and contents (a resumed run warns when it changed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files(path):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def recorded_fingerprint(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "dataset.json").read_text("utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None

@@ -90,7 +90,7 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     """The whole LLM demo in `folder`; returns where everything is. Never touches the network."""
     from loracli import models, profiles, training
     from loracli.demo import prepare_folder
-    from loracli.llm import runfolder
+    from loracli.llm import runexport
 
     stage = on_stage or (lambda _m: None)
     folder = Path(folder).resolve()
@@ -110,8 +110,8 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
         raise LoraError(f"demo stopped at step {result.step}",
                         f"continue the training with `lora resume {run_dir}`")
     stage("export: a peft adapter (transformers, vLLM) and a GGUF adapter (llama.cpp, Ollama)")
-    peft = runfolder.export(run_dir, "peft", dtype="fp32", force=True).path
-    gguf = runfolder.export(run_dir, "gguf", force=True).path
+    peft = runexport.export(run_dir, "peft", dtype="fp32", force=True).path
+    gguf = runexport.export(run_dir, "gguf", force=True).path
     held = [{"messages": [{"role": "user", "content": q},
                           {"role": "assistant", "content": answer(i)}]}
             for i, q in enumerate(HELD_OUT)]

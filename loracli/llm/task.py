@@ -147,12 +147,10 @@ class CausalLMTask:
     def for_run(cls, run_dir: Path, profile, accelerator, weight_dtype, resumed: bool,
                 warn: Callable[[str], None], status: Callable[[str], None]) -> "CausalLMTask":
         """The task of an LLM run, as the training loop builds it (DiffusionTask's signature)."""
-        from loracli.llm import runfolder
-
         settings = Settings.from_profile(profile)
         if resumed:
-            recorded = runfolder.recorded_fingerprint(run_dir)
-            if recorded not in (None, runfolder.fingerprint(settings.data_dir)):
+            recorded = data.recorded_fingerprint(run_dir)
+            if recorded not in (None, data.fingerprint(settings.data_dir)):
                 warn(f"the data in {settings.data_dir} changed since this run started: the "
                      "resumed run will not match an uninterrupted one")
         return cls(run_dir, settings, accelerator.device, weight_dtype,
