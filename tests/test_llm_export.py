@@ -194,3 +194,28 @@ def test_gguf_refuses_what_llamacpp_cannot_load(tiny_llama, tmp_path):
     with pytest.raises(LoraError, match="fp16 or fp32"):
         llamacpp.write(tmp_path / "x.gguf", state, config, tiny_llama, dtype="bf16")
     assert not list(tmp_path.iterdir())
+
+
+def test_inspect_reads_a_gguf_adapter_and_refuses_a_model(tiny_llama, tmp_path):
+    import gguf
+    import numpy as np
+
+    from loracli.llm.inspection import inspect_gguf
+
+    _, state, config = trained_adapter(tiny_llama)
+    path = tmp_path / "a.gguf"
+    llamacpp.write(path, state, config, tiny_llama, dtype="fp16", name="pirate")
+    report = inspect_gguf(path)
+    assert report["format"] == "gguf" and report["base_model_version"] == "llama"
+    assert report["name"] == "pirate" and report["ranks"] == [4] and report["alphas"] == [8.0]
+    assert report["modules"] == {"model": 6} and report["kinds"] == {"lora_a": 6, "lora_b": 6}
+    assert report["dtypes"] == {"F16": 12}
+    model = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(model), arch="llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LoraError, match="not a LoRA adapter"):
+        inspect_gguf(model)

@@ -3,7 +3,10 @@
 A *unit* is what one row of a batch holds: one example, or with packing several short examples
 laid end to end. Micro-batch `i` is a pure function of (seed, i): the units of epoch `e` are
 visited in a permutation drawn from `numpy.random.default_rng([seed, e])`, so a resumed run reads
-exactly the batches the uninterrupted run would have.
+exactly the batches the uninterrupted run would have. With `group_by_length` (the default) the
+permutation is cut into chunks of 16 batches, each chunk sorted by length before it is split
+into batches, and the batches shuffled again (the longest first, so running out of memory shows
+at once): rows of a batch have similar lengths and little time goes into padding.
 
 Padding is masked by position (the attention mask and the -100 targets past each row's length),
 never by comparing ids with the pad id: when pad == eos the answer's eos is still learned.
@@ -18,6 +21,8 @@ import math
 from dataclasses import dataclass
 
 from loracli.llm.templates import Encoded
+
+GROUP_CHUNK = 16  # batches per length-sorted chunk (like transformers' LengthGroupedSampler)
 
 
 def pack(encoded: list[Encoded], max_length: int) -> list[list[int]]:
@@ -72,25 +77,41 @@ class Plan:
     pad_id: int
     packing: bool = False
     max_length: int = 1024
+    group_by_length: bool = True
 
     def __post_init__(self):
         self.units = (pack(self.encoded, self.max_length) if self.packing
                       else [[i] for i in range(len(self.encoded))])
         self.per_epoch = math.ceil(len(self.units) / self.batch_size)
-        self._order: tuple[int, list[int]] | None = None
+        self.lengths = [sum(len(self.encoded[i].ids) for i in u) for u in self.units]
+        self.trained = [sum(t != -100 for t in e.targets) for e in self.encoded]
+        self._order: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """The units of each micro-batch of `epoch`, in order."""
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, epoch])
+        order, b = rng.permutation(len(self.units)).tolist(), self.batch_size
+        if not self.group_by_length:
+            return [order[i:i + b] for i in range(0, len(order), b)]
+        chunk, out = b * GROUP_CHUNK, []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=lambda u: -self.lengths[u])
+            out += [part[i:i + b] for i in range(0, len(part), b)]
+        out = [out[i] for i in rng.permutation(len(out)).tolist()]
+        longest = max(range(len(out)), key=lambda i: max(self.lengths[u] for u in out[i]))
+        out.insert(0, out.pop(longest))
+        return out
 
     def position(self, micro: int) -> tuple[int, int]:
         return divmod(micro, self.per_epoch)
 
     def units_of(self, micro: int) -> list[list[int]]:
-        import numpy as np
-
         epoch, index = self.position(micro)
         if self._order is None or self._order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-            self._order = (epoch, order.tolist())
-        chosen = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
-        return [self.units[u] for u in chosen]
+            self._order = (epoch, self._batches(epoch))
+        return [self.units[u] for u in self._order[1][index]]
 
     def __call__(self, micro: int) -> dict:
         rows = [[self.encoded[i] for i in unit] for unit in self.units_of(micro)]
@@ -98,8 +119,7 @@ class Plan:
 
     def count(self, micro: int) -> int:
         """Trained target tokens in micro-batch `micro` (without building its tensors)."""
-        return sum(sum(1 for t in self.encoded[i].targets if t != -100)
-                   for unit in self.units_of(micro) for i in unit)
+        return sum(self.trained[i] for unit in self.units_of(micro) for i in unit)
 
     @property
     def tokens(self) -> int:

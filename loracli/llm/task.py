@@ -37,6 +37,7 @@ class Settings:
     format: str = "auto"
     max_length: int = 1024
     packing: bool = False
+    group_by_length: bool = True
     train_on_prompt: bool = False
     eval_split: float = 0.0
     template: str = ""
@@ -67,6 +68,7 @@ class Settings:
                    format=get("data", "format", "auto"),
                    max_length=get("data", "max_length", 1024),
                    packing=get("data", "packing", False),
+                   group_by_length=get("data", "group_by_length", True),
                    train_on_prompt=get("data", "train_on_prompt", False),
                    eval_split=get("data", "eval_split", 0.0),
                    template=get("data", "template", ""), rank=p.lora.rank, alpha=p.lora.alpha,
@@ -130,7 +132,8 @@ class CausalLMTask:
             warn(message)
         self.global_batch = s.batch_size * processes
         self.plan = batches.Plan(self.encoded, self.global_batch, s.seed,
-                                 self.tokenizer.pad_token_id, s.packing, s.max_length)
+                                 self.tokenizer.pad_token_id, s.packing, s.max_length,
+                                 s.group_by_length)
         self.batches_per_epoch = self.plan.per_epoch
         status("loading the model")
         self.model = causal.inject(
