@@ -22,14 +22,8 @@ from typing import Any
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-# kohya key prefix per component and family (kohya-ss/sd-scripts networks/lora.py).
-KOHYA_PREFIXES = {
-    "sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
-    "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
-    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
-KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                   "lora_te2": "text_encoder_2"}
+# kohya prefixes of models no registered family trains yet (SD3's T5), so `lora inspect` reads them
+OTHER_KOHYA_PREFIXES = {"lora_te3": "text_encoder_3"}
 KOHYA_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 # transformers 5 CLIPTextModel paths start at `encoder.`; WebUI keys must read `text_model_encoder_`.
@@ -183,13 +177,20 @@ def _rename(rest: str, table: dict) -> str:
     return table[head] + (f".{tail}" if tail else "")
 
 
-def kohya_stem(component: str, path: str, family: str, unet_config: dict | None = None) -> str:
-    """`lora_unet_down_blocks_0_…`, `lora_te_text_model_encoder_layers_0_…`, `lora_te2_…`."""
-    prefixes = KOHYA_PREFIXES.get(family)
-    if prefixes is None or component not in prefixes:
-        raise ConversionError(f"{component}: no kohya prefix for family {family!r}")
+def kohya_stem(component: str, path: str, family, unet_config: dict | None = None) -> str:
+    """`lora_unet_down_blocks_0_…`, `lora_te_text_model_encoder_layers_0_…`, `lora_te2_…`.
+
+    `family` (a `Family` or its name) gives the prefix per component and whether UNet names
+    keep the diffusers layout or take the original LDM one (kohya's SDXL convention).
+    """
+    from loracli import families
+
+    family = families.get(family) if isinstance(family, str) else family
+    prefixes = family.kohya_prefixes
+    if component not in prefixes:
+        raise ConversionError(f"{component}: no kohya prefix for family {family.name!r}")
     if component == "unet":
-        name = unet_to_ldm(path, unet_config or {}) if family == "sdxl" else path
+        name = unet_to_ldm(path, unet_config or {}) if family.kohya_unet_layout == "ldm" else path
     elif path.startswith(CLIP_TEXT_MODEL_ROOTS):
         name = "text_model." + path
     else:
@@ -197,7 +198,7 @@ def kohya_stem(component: str, path: str, family: str, unet_config: dict | None 
     return f"{prefixes[component]}_{name.replace('.', '_')}"
 
 
-def to_kohya(modules: list[LoraModule], family: str, unet_config: dict | None = None,
+def to_kohya(modules: list[LoraModule], family, unet_config: dict | None = None,
              dtype=None) -> dict:
     """The kohya/A1111 state dict. Alpha is stored fp32 so rsLoRA's √r survives an fp16 file."""
     import torch
@@ -241,11 +242,22 @@ def peft_to_diffusers(adapters: dict[str, tuple[dict, dict]], dtype=None) -> tup
 
 # ---------------------------------------------------------------------------- any file → common
 
+def kohya_components() -> dict[str, str]:
+    """kohya prefix → component, over every registered family (the first family's wins)."""
+    from loracli import families
+
+    out = dict(OTHER_KOHYA_PREFIXES)
+    for family in families.all():
+        for component, prefix in family.kohya_prefixes.items():
+            out.setdefault(prefix, component)
+    return out
+
+
 def detect_format(keys) -> str:
     """kohya | diffusers | peft | unknown, from tensor names alone."""
     keys = list(keys)
-    if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"))
-                    for k in keys):
+    kohya = tuple(prefix + "_" for prefix in kohya_components())
+    if keys and all(k.startswith(kohya) for k in keys):
         return "kohya"
     if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
         return "diffusers"
@@ -271,10 +283,12 @@ def kohya_entries(state_dict: dict) -> list[Entry]:
         stem, _, leaf = key.partition(".")
         stems.setdefault(stem, {})[leaf] = tensor
     entries = []
+    components = kohya_components()
+    longest_first = sorted(components, key=len, reverse=True)
     for stem, parts in sorted(stems.items()):
-        prefix = stem.split("_", 2)
-        prefix = "_".join(prefix[:2])
-        component = KOHYA_COMPONENT.get(prefix, prefix)
+        prefix = next((p for p in longest_first if stem.startswith(p + "_")),
+                      "_".join(stem.split("_", 2)[:2]))
+        component = components.get(prefix, prefix)
         kind, rank = _kohya_kind(parts)
         alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
         entries.append(Entry(component, stem, rank, alpha, kind))

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from loracli import atomic, checkpoints, families, profiles, runs
+from loracli.families import loading
 from loracli import dataset as ds
 from loracli.errors import LoraError
 
@@ -33,21 +35,21 @@ class Model:
 
     def __init__(self, run_dir: Path, profile: profiles.Profile, device, weight_dtype):
         import torch
-        from diffusers import DDPMScheduler
         from peft import inject_adapter_in_model
 
         info = runs.info(run_dir)
-        self.base = families.Base.from_dict(info["base"])
+        self.base = loading.Base.from_dict(info["base"])
         self.family = families.get(self.base.family)
         self.prediction = self.base.prediction_type
-        parts = families.load_components(self.base, self.family, profile.model.vae)
+        self.objective = self.family.objective(self.prediction)
+        parts = loading.load_components(self.base, self.family, profile.model.vae)
         self.unet, self.vae = parts["unet"], parts["vae"]
         self.encoders = [parts[n] for n in self.family.text_encoders]
         self.tokenizers = [parts[n] for n in self.family.tokenizers]
-        self.noise = DDPMScheduler.from_config(parts["scheduler"].config)
+        self.noise = self.objective.scheduler(parts["scheduler"].config)  # the training schedule
         self.parts = parts  # the loaded components by name, for sample pipelines
-        self.scaling = self.vae.config.scaling_factor
-        self.shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.geometry = self.family.geometry(self.vae.config, self.unet.config,
+                                             profile.model.vae or str(self.base.path))
         self.device, self.weight_dtype = device, weight_dtype
         lo = profile.lora
         self.configs = {"unet": lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets,
@@ -71,7 +73,25 @@ class Model:
                 if p.requires_grad:  # LoRA weights train in fp32 whatever the base dtype
                     p.data = p.data.to(torch.float32)
             self.trained[name] = module
-        self.alphas = self.noise.alphas_cumprod.to(device)
+
+    @property
+    def trains_text(self) -> bool:
+        """Whether a text encoder gets a LoRA (then its outputs cannot be cached)."""
+        return any(name in self.trained for name in self.family.text_encoders)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent of a height × width image: what the noise for it must look like."""
+        return self.geometry.latent_shape(height, width)
+
+    def bucket_step(self, requested: int, warn=lambda _m: None) -> int:
+        """`data.bucket_step`, raised to a multiple of what the VAE and the UNet divide by."""
+        multiple = self.geometry.pixel_multiple
+        step = requested * multiple // math.gcd(requested, multiple)
+        if step != requested:
+            warn(f"data.bucket_step = {requested} is not a multiple of {multiple} px (the VAE "
+                 f"downsamples {self.geometry.downsample}x, the UNet "
+                 f"{self.geometry.denoiser_multiple}x more); using {step}")
+        return step
 
     def adapter_state(self, unwrap) -> dict:
         from peft import get_peft_model_state_dict
@@ -102,19 +122,17 @@ class Model:
         """Per-sample denoising MSE (min-SNR weighted when asked), averaged."""
         import torch.nn.functional as F
 
-        latents = (latents.to(self.device) - self.shift) * self.scaling
+        latents = self.geometry.to_model(latents.to(self.device))
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
-        noisy = self.noise.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction == "epsilon" else \
-            self.noise.get_velocity(latents, noise, timesteps)
+        noisy, target = self.objective.noisy_input_and_target(latents, noise, timesteps,
+                                                              self.noise)
         cond = self.family.conditioning(text, sizes)
         pred = unet(noisy.to(self.weight_dtype), timesteps, **cond).sample
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if min_snr_gamma > 0:
-            a = self.alphas[timesteps]
-            snr = a / (1 - a)
-            clipped = snr.clamp(max=min_snr_gamma)
-            per = per * (clipped / snr if self.prediction == "epsilon" else clipped / (snr + 1))
+        per = F.mse_loss(pred.float(), target.float(), reduction="none")
+        per = per.mean(dim=tuple(range(1, per.dim())))
+        weights = self.objective.weights(timesteps, self.noise, min_snr_gamma)
+        if weights is not None:
+            per = per * weights
         return per.mean()
 
 
@@ -131,7 +149,8 @@ def render_samples(model: Model, profile: profiles.Profile, run_dir: Path, step:
     import diffusers
     import torch
 
-    s, res = profile.sample, profile.data.resolution // 8 * 8
+    multiple = model.geometry.pixel_multiple
+    s, res = profile.sample, max(profile.data.resolution // multiple, 1) * multiple
     cls = getattr(diffusers, model.family.pipeline)
     parts = {**model.parts, "unet": unwrap(model.unet)}
     for name in model.trained:
@@ -183,9 +202,9 @@ def evaluate(run_dir: Path, step: int | None = None, use_lora: bool = True, draw
     run_dir = Path(run_dir)
     profile = runs.load_profile(run_dir)
     d = profile.data
-    data = ds.plan(ds.scan(d.dir, d.caption_ext, d.trigger), d.resolution, d.bucket_step,
-                   d.bucketing)
     model = Model(run_dir, profile, torch.device("cpu"), torch.float32)
+    data = ds.plan(ds.scan(d.dir, d.caption_ext, d.trigger), d.resolution,
+                   model.bucket_step(d.bucket_step), d.bucketing)
     if use_lora:
         model.load_adapters(checkpoints.load(runs.latest(run_dir, step).path)["adapters"])
     for module in model.trained.values():

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loracli import atomic, convert, runs
+from loracli import atomic, convert, families, runs
 from loracli.metadata import metadata, same_safetensors, serialize
 from loracli.errors import LoraError
 
@@ -125,7 +125,8 @@ def read_run(run_dir: Path, step: int | None = None) -> Run:
 
         profile = profiles.read_mapping(run_dir / "profile.toml")
     adapters = {}
-    for component in convert.COMPONENTS:
+    family = families.get(info.get("base", {}).get("family") or "sd1")
+    for component in family.trainable:
         folder = checkpoint.path / component
         if (folder / "adapter_model.safetensors").is_file():
             adapters[component] = (load_file(str(folder / "adapter_model.safetensors")),

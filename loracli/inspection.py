@@ -10,13 +10,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracli import convert
+from loracli import convert, families
 from loracli.errors import LoraError
 
-# Cross-attention context width (the text encoder's hidden size) → base model version.
-CONTEXT_VERSION = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
-ARCH_VERSION = {"stable-diffusion-v1": "sd_v1", "stable-diffusion-v2": "sd_v2",
-                "stable-diffusion-xl": "sdxl_base_v1-0"}
 
 
 @dataclass(frozen=True)
@@ -119,14 +115,19 @@ def _version(metadata: dict, entries: list, files: list, fmt: str) -> str:
     if metadata.get("ss_base_model_version"):
         return metadata["ss_base_model_version"]
     arch = metadata.get("modelspec.architecture", "")
-    for prefix, version in ARCH_VERSION.items():
-        if arch.startswith(prefix):
-            return version
+    for family in families.all():
+        if arch.startswith(family.modelspec_prefix):
+            return family.base_version
     components = {e.component for e in entries}
-    if "text_encoder_2" in components or any("input_blocks" in e.name for e in entries):
-        return "sdxl_base_v1-0"
+    ldm = any("input_blocks" in e.name for e in entries)
+    for family in families.all():  # a second text encoder, or UNet names in the LDM layout
+        if ("text_encoder_2" in components and "text_encoder_2" in family.kohya_prefixes) or \
+                (ldm and family.kohya_unet_layout == "ldm"):
+            return family.base_version
+    # the cross-attention context width (the text encoder's hidden size) tells the family
     width = _context_width(files)
-    return CONTEXT_VERSION.get(width, "unknown")
+    return next((f.base_version for f in families.all() if width and f.context_width == width),
+                "unknown")
 
 
 def _context_width(files) -> int | None:

@@ -11,16 +11,10 @@ from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from loracli import __version__
+from loracli import __version__, families
 
 if TYPE_CHECKING:
     from loracli.export import Run
-
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                  "sdxl": "stable-diffusion-xl-v1-base"}
-MODELSPEC_IMPL = {"sd1": "diffusers", "sd2": "diffusers",
-                  "sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
 def metadata(r: "Run", name: str, modules: list, dtype: str, kohya: bool = True) -> dict[str, str]:
@@ -34,11 +28,12 @@ def metadata(r: "Run", name: str, modules: list, dtype: str, kohya: bool = True)
     trigger = profile.get("data", {}).get("trigger", "")
     started = r.info.get("started_at", "")
     v_pred = base.get("prediction_type") == "v_prediction"
+    family = families.get(r.family)
+    architecture, implementation = family.modelspec(base.get("prediction_type") or "epsilon")
     meta = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCH.get(r.family, r.family)
-        .replace("v2-512", "v2-768-v" if v_pred else "v2-512") + "/lora",
-        "modelspec.implementation": MODELSPEC_IMPL.get(r.family, "diffusers"),
+        "modelspec.architecture": architecture + "/lora",
+        "modelspec.implementation": implementation,
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
@@ -66,8 +61,8 @@ def metadata(r: "Run", name: str, modules: list, dtype: str, kohya: bool = True)
         "ss_network_alpha": _num(alphas.most_common(1)[0][0]),
         "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(lora.get("dropout", "")),
-        "ss_base_model_version": BASE_VERSION.get(r.family, r.family),
-        "ss_v2": str(r.family == "sd2"),
+        "ss_base_model_version": family.base_version,
+        "ss_v2": str(family.ss_v2),
         "ss_v_parameterization": str(v_pred),
         "ss_sd_model_name": str(base.get("repo") or base.get("model") or ""),
         "ss_output_name": name,

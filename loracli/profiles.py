@@ -18,6 +18,7 @@ from typing import Any
 
 from loracli import paths
 from loracli.errors import LoraError
+from loracli.families.sd import SD1  # the default base (sd15) is SD1: its targets are the defaults
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,13 +35,19 @@ def _f(default, doc: str, *, min=None, max=None, choices=None, min_exclusive=Fal
     return field(default=default, metadata=meta)
 
 
+def _family_choices() -> tuple[str, ...]:
+    from loracli import families  # the registry: a family registered later is a valid value
+
+    return ("auto", *families.names())
+
+
 @dataclass(frozen=True)
 class ModelSection:
     base: str = _f("sd15", "alias (sd15, sd21, sdxl, tiny-sd), org/name[@revision], a diffusers "
                            "folder, or a single-file .safetensors checkpoint")
     vae: str = _f("", "optional VAE override (alias, repo id or folder), e.g. stabilityai/sd-vae-ft-mse")
     family: str = _f("auto", "model family; auto detects it from the model",
-                     choices=("auto", "sd1", "sd2", "sdxl"))
+                     choices=_family_choices)
     prediction_type: str = _f("auto", "noise target; auto reads the model's scheduler "
                                       "(SD2 768 models use v_prediction)",
                               choices=("auto", "epsilon", "v_prediction"))
@@ -73,9 +80,9 @@ class LoraSection:
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank", min=0.0,
                       min_exclusive=True, max=4096.0)
     dropout: float = _f(0.1, "dropout inside the LoRA layers", min=0.0, max=0.9)
-    targets: tuple = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA")
+    targets: tuple = _f(list(SD1.unet_targets), "UNet modules that get a LoRA")
     train_text_encoder: bool = _f(False, "also train the text encoder(s); helps characters, costs memory")
-    text_encoder_targets: tuple = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
+    text_encoder_targets: tuple = _f(list(SD1.text_targets),
                                      "text-encoder modules that get a LoRA")
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(rank)")
     dora: bool = _f(False, "weight-decomposed LoRA (DoRA); slower, sometimes better")
@@ -223,6 +230,7 @@ def _check_value(key: str, f: dataclasses.Field, value, problems: list[str]):
             problems.append(f"{key}: expected a string, got {_type_name(value)} {value!r}")
             return None
     choices = meta.get("choices")
+    choices = choices() if callable(choices) else choices
     if choices and value not in choices:
         problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}"
                         + _suggest(str(value), list(choices)))

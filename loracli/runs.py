@@ -174,6 +174,7 @@ def start(profile, restart: bool = False,
     import datetime as dt
 
     from loracli import __version__, atomic, families
+    from loracli.families import loading
     from loracli import dataset as ds
 
     warn = on_warning or (lambda _m: None)
@@ -200,8 +201,8 @@ def start(profile, restart: bool = False,
                     f"profile {profile.name!r} changed since the run in {run_dir} started",
                     hint, details=changed)
             return run_dir, True
-    base = families.resolve_base(profile.model.base, profile.model.family,
-                                 profile.model.prediction_type)
+    base = loading.resolve_base(profile.model.base, profile.model.family,
+                                profile.model.prediction_type, profile.model.vae)
     family = families.get(base.family)
     examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
     run_dir.mkdir(parents=True, exist_ok=True)

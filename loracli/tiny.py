@@ -14,7 +14,14 @@ import importlib.util
 import json
 from pathlib import Path
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+# What each tiny pipeline is built like: two text encoders + size conditioning (XL), linear
+# projections + gelu CLIP + v-prediction (SD2), or neither (SD1).
+SPECS = {
+    "sd1": {"xl": False, "v2": False, "pretrained": True},
+    "sd2": {"xl": False, "v2": True, "pretrained": False},
+    "sdxl": {"xl": True, "v2": False, "pretrained": False},
+}
+FAMILIES = tuple(SPECS)
 UNET_WEIGHTS = "weights/tiny-sd-unet.safetensors"  # packaged: the pretrained tiny SD1 UNet
 BUILD_VERSION = 2  # raise when build_tiny_sd changes what it writes: caches then rebuild tiny-sd
 BUILD_FILE = "lora_tiny_build.txt"
@@ -90,11 +97,11 @@ def _text_config(**extra):
 VAE_K = 10.0  # the constant channels that keep GroupNorm from erasing colour (see _vae)
 
 
-def _vae():
+def _vae(downsample: int = 8, channels: int = 4):
     """A tiny AutoencoderKL whose weights are set by hand, not random: the encoder averages each
-    8x8 pixel block into a latent pixel (RGB and luminance), the decoder repeats it back. So
-    latents carry the picture's colours and layout, and generated samples are readable 8x8
-    mosaics instead of noise.
+    `downsample`² pixel block into a latent pixel (RGB, then luminance in every further
+    channel), the decoder repeats it back. So latents carry the picture's colours and layout,
+    and generated samples are readable mosaics instead of noise.
 
     Residual branches are zeroed (every ResNet block and attention is an identity). The final
     GroupNorms would remove each channel's mean; each group instead holds (v, -v, K, -K), whose
@@ -108,10 +115,15 @@ def _vae():
 
     k = VAE_K
     gain = k / math.sqrt(2.0)
+    blocks = downsample.bit_length()  # 2 ** (blocks - 1) == downsample
+    if downsample < 1 or 2 ** (blocks - 1) != downsample:
+        raise ValueError(f"downsample must be a power of two, not {downsample}")
+    width = 4 * channels  # four internal channels (v, -v, K, -K) per latent channel
     vae = AutoencoderKL(
-        block_out_channels=(16, 16, 16, 16), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4, sample_size=64, scaling_factor=gain,
+        block_out_channels=(width,) * blocks, layers_per_block=1, latent_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=channels, sample_size=64, scaling_factor=gain,
     )
     enc, dec = vae.encoder, vae.decoder
     with torch.no_grad():
@@ -119,7 +131,7 @@ def _vae():
             p.zero_()
         for norm in (enc.conv_norm_out, dec.conv_norm_out):
             norm.weight.fill_(1.0)
-        for c in range(4):
+        for c in range(channels):
             src = [c] if c < 3 else [0, 1, 2]
             for s in src:
                 enc.conv_in.weight[4 * c, s, 1, 1] = 1.0 / len(src)
@@ -134,44 +146,51 @@ def _vae():
             if c < 3:
                 dec.conv_out.weight[c, 4 * c, 1, 1] = gain
                 dec.conv_out.weight[c, 4 * c + 1, 1, 1] = -gain
-        enc.conv_out.bias[4:] = -20.0  # log-variance: a near-deterministic latent
-        eye = torch.eye(16)
+        enc.conv_out.bias[channels:] = -20.0  # log-variance: a near-deterministic latent
+        eye = torch.eye(width)
         for block in enc.down_blocks:
             for down in block.downsamplers or []:
                 down.conv.weight[:, :, 0:2, 0:2] = 0.25 * eye[:, :, None, None]
         for block in dec.up_blocks:
             for up in block.upsamplers or []:
                 up.conv.weight[:, :, 1, 1] = eye
-        vae.quant_conv.weight[:, :, 0, 0] = torch.eye(8)
-        vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(4)
+        vae.quant_conv.weight[:, :, 0, 0] = torch.eye(2 * channels)
+        vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(channels)
     return vae
 
 
 def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0,
-                  pretrained_unet: bool = False) -> Path:
+                  pretrained_unet: bool = False, vae_downsample: int = 8,
+                  latent_channels: int = 4) -> Path:
     """Write a tiny diffusers pipeline folder of `family` (sd1, sd2 with v-prediction, sdxl).
 
     The VAE downsamples 8x like the real ones, so a 64 px image gives the UNet's 8x8 latents;
     it is a fixed block-average encoder/decoder (`_vae`), the text encoders are random. The UNet
     is random too, unless `pretrained_unet` (sd1 only): then it carries the packaged weights of
     `pretrain_unet`, and the pipeline draws coloured shapes instead of noise.
+    `vae_downsample` (a power of two) and `latent_channels` build the other latent geometries
+    diffusers allows (a 2x VAE; 16 channels as FLUX and SD3 use), with a UNet that fits them.
     """
     import torch
     from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if family not in FAMILIES:
+    if family not in SPECS:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    spec = SPECS[family]
+    latent = {"in_channels": latent_channels, "out_channels": latent_channels,
+              "sample_size": 64 // vae_downsample}
+    vae = _vae(vae_downsample, latent_channels)
     dest = Path(dest)
     tok_dir = write_clip_tokenizer(dest / ".tokenizer-build")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
     betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                  num_train_timesteps=1000)
     torch.manual_seed(seed)
-    if family == "sdxl":
+    if spec["xl"]:
         unet = UNet2DConditionModel(
-            block_out_channels=(16, 32, 32), layers_per_block=2, sample_size=8,
+            block_out_channels=(16, 32, 32), layers_per_block=2, **latent,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
@@ -183,14 +202,14 @@ def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0,
         text_encoder_2 = CLIPTextModelWithProjection(
             _text_config(hidden_act="gelu", projection_dim=TEXT_HIDDEN))
         pipe = StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
             scheduler=EulerDiscreteScheduler(**betas, timestep_spacing="leading", steps_offset=1),
         )
     else:
-        v2 = family == "sd2"
+        v2 = spec["v2"]
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+            block_out_channels=(32, 64), layers_per_block=1, **latent,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4, norm_num_groups=8,
@@ -200,13 +219,13 @@ def build_tiny_sd(dest: Path, family: str = "sd1", seed: int = 0,
         scheduler = DDPMScheduler(**betas, clip_sample=False, steps_offset=1,
                                   prediction_type="v_prediction" if v2 else "epsilon")
         pipe = StableDiffusionPipeline(
-            vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
     if pretrained_unet:
-        if family != "sd1":
-            raise ValueError("only the sd1 tiny model has pretrained UNet weights")
+        if not spec["pretrained"] or (vae_downsample, latent_channels) != (8, 4):
+            raise ValueError("only the sd1 tiny model with its 8x VAE has pretrained UNet weights")
         from safetensors.torch import load_file
 
         weights = load_file(str(Path(__file__).parent / UNET_WEIGHTS))

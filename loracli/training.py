@@ -163,8 +163,7 @@ class Batches:
             flips = (False, True) if self.d.flip else (False,)
             self.latents = {(i, f): cache.get(s, f, self._encode_one)
                             for i, s in enumerate(data.samples) for f in flips}
-        text_frozen = "text_encoder" not in model.trained
-        if self.t.cache_text and text_frozen and not self.d.shuffle_captions:
+        if self.t.cache_text and not model.trains_text and not self.d.shuffle_captions:
             cache = caching.TextCache(cache_root, caching.model_fingerprint(
                 model.base.path, model.family.text_encoders + model.family.tokenizers))
             captions = {s.example.caption for s in data.samples}
@@ -206,7 +205,7 @@ class Batches:
             (bw, bh), (w, h) = sample.bucket, sample.size
             sizes.append(((h, w), top_left, (bh, bw)))
             g = torch.Generator().manual_seed(seed_from(self.seed, micro, j, 1))
-            shape = (4, bh // 8, bw // 8)
+            shape = self.model.latent_shape(bh, bw)
             n = torch.randn(shape, generator=g)
             if self.t.noise_offset:
                 n = n + self.t.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
@@ -305,9 +304,10 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     if ckpt and _recorded_fingerprint(run_dir) not in (None, ds.fingerprint(examples)):
         warn(f"images or captions in {d.dir} changed since this run started: the resumed run "
              "will not match an uninterrupted one")
-    data = ds.plan(examples, d.resolution, d.bucket_step, d.bucketing, d.repeats, warn)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     model = Model(run_dir, profile, accelerator.device, weight_dtype)
+    data = ds.plan(examples, d.resolution, model.bucket_step(d.bucket_step, warn), d.bucketing,
+                   d.repeats, warn)
     with accelerator.main_process_first():
         batches = Batches(data, profile, model, run_dir / "cache", accelerator.process_index,
                           accelerator.num_processes, warn)
@@ -355,7 +355,7 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     prepared = accelerator.prepare(*model.trained.values(), optimizer)
     wrapped, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
     unet = wrapped["unet"]
-    if "text_encoder" in wrapped:  # encode through the DDP wrappers so gradients sync
+    if model.trains_text:  # encode through the DDP wrappers so gradients sync
         model.encoders = [wrapped.get(n, e)
                           for n, e in zip(model.family.text_encoders, model.encoders)]
     params = [p for g in groups for p in g["params"]]

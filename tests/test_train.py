@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loracli import denoiser, families, profiles, runs, training
+from loracli import denoiser, profiles, runs, training
+from loracli.families import loading
 from loracli.errors import LoraError
 from train_fixtures import (NetworkGuard, adapter_tensors, env, lora_cmd, make_dataset,
                                   write_profile)
@@ -262,12 +263,12 @@ def test_single_file_checkpoint_needs_its_configs_in_the_cache(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((1,), np.float32)},
               str(ckpt))
     with pytest.raises(LoraError, match="single-file checkpoint") as e:
-        families.resolve_base(str(ckpt))
+        loading.resolve_base(str(ckpt))
     assert e.value.hint == "lora fetch sd15"
     xl = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.1.model.x": np.zeros((1,), np.float32)}, str(xl))
     with pytest.raises(LoraError) as e:
-        families.resolve_base(str(xl))
+        loading.resolve_base(str(xl))
     assert e.value.hint == "lora fetch sdxl"
 
 
