@@ -24,7 +24,6 @@ from loracli.llm import batches, causal, data, templates
 
 TEMPLATE_FILE = "chat_template.jinja"  # in the run folder: the template trained with
 COMPONENT = "model"                    # checkpoints/step-N/model/adapter_model.safetensors
-IMAGE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # profiles' [lora] targets default
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,10 @@ class Settings:
         def get(section, key, default):
             return getattr(getattr(p, section), key, default)
 
+        from loracli.families.sd import SD1  # whose targets are the profiles' default
+
         targets = tuple(p.lora.targets)
-        if targets == IMAGE_TARGETS:  # the profile kept the image default: use the LLM one
+        if targets == tuple(SD1.unet_targets):  # the image default was kept: use the LLM one
             targets = causal.DEFAULT_TARGETS
 
         return cls(base=p.model.base, quantize=get("model", "quantize", ""), data_dir=p.data.dir,
