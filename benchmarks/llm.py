@@ -7,8 +7,9 @@
 Both sides train the same model (built from a config by `loracli.llm.tinyllm`, random weights),
 on the same chat records, with the same settings: LoRA r 8, alpha 16, dropout 0.1 on
 q_proj/v_proj, AdamW lr 2e-4 constant, batch 8, one epoch, max length 256, loss on the answers
-only, no packing. When TRL is not installed the reference is plain peft with a hand-written loop
-(the same loop `lora train` runs; it then measures our data path against the naive one).
+only, no packing. Ours groups batches by length (its default); TRL runs twice, with its default
+random batches and with `train_sampling_strategy="group_by_length"`. Without TRL installed only
+our side runs.
 
 Each side runs in its own process, so the peak memory (CUDA allocator peak on a GPU, peak RSS on
 the CPU) is its own. Tokens/s counts the real (unpadded) tokens of every example trained on,
@@ -87,12 +88,18 @@ def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    padded = sum(int(task.micro_batch(m)["input_ids"].numel()) for m in range(steps))
     return {"side": "lora (CausalLMTask)", "steps": steps, "tokens": tokens,
+            "padded_tokens": padded,
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
             "peak_mib": round(peak_memory_mib(device), 1), "last_loss": round(float(loss), 4)}
 
 
-def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
+def run_trl_grouped(args, model_dir: Path, data: Path, work: Path) -> dict:
+    return run_trl(args, model_dir, data, work, group_by_length=True)
+
+
+def run_trl(args, model_dir: Path, data: Path, work: Path, group_by_length: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -115,7 +122,8 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
                        logging_steps=10_000, save_strategy="no", report_to=[], seed=42,
                        use_cpu=device.type == "cpu", bf16=device.type == "cuda",
                        dataloader_num_workers=0, gradient_checkpointing=args.checkpointing,
-                       max_grad_norm=1.0, disable_tqdm=True)
+                       max_grad_norm=1.0, disable_tqdm=True,
+                       train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
@@ -127,7 +135,8 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"side": f"TRL SFTTrainer {__import__('trl').__version__}",
+    grouped = ", group_by_length" if group_by_length else ""
+    return {"side": f"TRL SFTTrainer {__import__('trl').__version__}{grouped}",
             "steps": out.global_step, "tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1),
             "peak_mib": round(peak_memory_mib(device), 1),
@@ -136,7 +145,7 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
 
 def child(args) -> None:
     work = Path(args.work)
-    fn = run_ours if args.side == "ours" else run_trl
+    fn = {"ours": run_ours, "trl": run_trl, "trl-grouped": run_trl_grouped}[args.side]
     print("RESULT " + json.dumps(fn(args, work / "model", work / "data.jsonl", work)))
 
 
@@ -163,7 +172,7 @@ def main() -> None:
                                                  for r in records(args.examples)))
         try:
             import trl  # noqa: F401
-            sides = ["ours", "trl"]
+            sides = ["ours", "trl", "trl-grouped"]
         except ImportError:
             print("TRL is not installed: pip install trl for the reference side", file=sys.stderr)
             sides = ["ours"]
@@ -182,9 +191,9 @@ def main() -> None:
             results.append(json.loads(line[7:]))
     print(f"model: tiny-llm {args.arch} {args.size}, {args.examples} examples, batch "
           f"{args.batch}, quantize {args.quantize or 'no'}, checkpointing {args.checkpointing}")
-    print(f"{'side':32} {'steps':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak MiB':>9}")
+    print(f"{'side':48} {'steps':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak MiB':>9}")
     for r in results:
-        print(f"{r['side']:32} {r['steps']:>5} {r['tokens']:>7} {r['seconds']:>8} "
+        print(f"{r['side']:48} {r['steps']:>5} {r['tokens']:>7} {r['seconds']:>8} "
               f"{r['tokens_per_s']:>9} {r['peak_mib']:>9}")
     for r in results:
         print(json.dumps(r))
