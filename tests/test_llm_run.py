@@ -97,3 +97,47 @@ def test_run_exports_in_every_format(trained_run):
 def test_causal_lm_folders_are_told_apart(tiny_llama, tiny_sd):
     assert runfolder.is_causal_lm(tiny_llama)
     assert not runfolder.is_causal_lm(tiny_sd)
+
+
+def test_qlora_run_trains_in_4bit_and_merges_into_the_full_precision_base(tmp_path, tiny_llama):
+    """QLoRA: the task loads nf4 weights, trains; the merged export folds the adapter into the
+    fp32 base (never into the 4-bit one): its logits are the fp32 base + the adapter delta."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "data" / "pirate.jsonl", pirate_records(8))
+    run_dir = tmp_path / "run"
+    t = llm_task.CausalLMTask(run_dir, llm_task.Settings(
+        base=str(tiny_llama), data_dir=str(data), dropout=0.0, batch_size=4, learning_rate=1e-2,
+        quantize="4bit", gradient_checkpointing=True, eval_split=0.25))
+    from bitsandbytes.nn import Linear4bit
+
+    assert isinstance(t.model.base_model.model.model.layers[0].mlp.up_proj, Linear4bit)
+    before = t.evaluate()["eval_loss"]
+    opt = torch.optim.AdamW(t.param_groups())
+    for step in range(6):
+        t.loss(t.micro_batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert t.evaluate()["eval_loss"] < before
+    state, config = t.adapter_state()["model"]
+    mapping = json.loads(json.dumps(
+        {k: (sorted(v) if isinstance(v, (set, frozenset)) else getattr(v, "value", v))
+         for k, v in config.to_dict().items()}))
+    fake_checkpoint(run_dir, 6, state, mapping)
+    (run_dir / "run.json").write_text(json.dumps({"profile": "q", "base": {
+        "model": str(tiny_llama), "path": str(tiny_llama), "family": "causal-lm",
+        "quantize": "4bit"}}))
+    merged = runexport.export(run_dir, "merged", dtype="fp32")
+    got = AutoModelForCausalLM.from_pretrained(merged.path)
+    assert "quantization_config" not in json.loads((merged.path / "config.json").read_text())
+    oracle = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    weights = dict(oracle.named_parameters())
+    ids = torch.tensor([t.encoded[0].ids])
+    with torch.no_grad():
+        for k, a in state.items():
+            if ".lora_A." in k:
+                name = k.removeprefix("base_model.model.").replace(".lora_A", "")
+                weights[name] += 2.0 * (state[k.replace(".lora_A.", ".lora_B.")] @ a)
+        torch.testing.assert_close(got(ids).logits, oracle(ids).logits, atol=1e-5, rtol=1e-5)

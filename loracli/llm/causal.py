@@ -66,9 +66,23 @@ def load_base(folder: Path, quantize: str = "", device: str = "cpu", dtype=None)
                         "check model.base; `lora fetch ORG/NAME` puts a model in the cache") from None
     if q is None:
         model.to(device)
+    elif str(device) == "cpu":
+        _keep_4bit_trainable(model)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+def _keep_4bit_trainable(model) -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a 4-bit weight for fast inference the
+    first time it runs in eval mode without grad (held-out loss, samples); the repacked weight
+    has no autograd kernel, so every later training step gets no gradient. Keep the trainable
+    layout (inference on the CPU is a small part of a run)."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(folder: Path):
