@@ -9,7 +9,6 @@ alpha), so that every writer applies `alpha / rank × strength`, the scale every
   a pure rename, no transpose. SD1/SD2 UNet names use the diffusers layout; SDXL UNet names use
   the original LDM layout (`lora_unet_input_blocks_4_1_…`) by kohya's convention.
 - peft → diffusers (`unet.….lora_A.weight` + `lora_adapter_metadata` in the header).
-- kohya, diffusers or peft files → common, for `lora inspect`.
 """
 
 from __future__ import annotations
@@ -240,8 +239,6 @@ def peft_to_diffusers(adapters: dict[str, tuple[dict, dict]], dtype=None) -> tup
     return tensors, header
 
 
-# ---------------------------------------------------------------------------- any file → common
-
 def kohya_components() -> dict[str, str]:
     """kohya prefix → component, over every registered family (the first family's wins)."""
     from loracli import families
@@ -251,85 +248,3 @@ def kohya_components() -> dict[str, str]:
         for component, prefix in family.kohya_prefixes.items():
             out.setdefault(prefix, component)
     return out
-
-
-def detect_format(keys) -> str:
-    """kohya | diffusers | peft | unknown, from tensor names alone."""
-    keys = list(keys)
-    kohya = tuple(prefix + "_" for prefix in kohya_components())
-    if keys and all(k.startswith(kohya) for k in keys):
-        return "kohya"
-    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
-        return "diffusers"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "peft"
-    return "unknown"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One module of any LoRA file, for inspection (tensors not kept)."""
-
-    component: str
-    name: str
-    rank: int
-    alpha: float
-    kind: str = "lora"   # lora | dora | loha | lokr | other
-
-
-def kohya_entries(state_dict: dict) -> list[Entry]:
-    stems: dict[str, dict] = {}
-    for key, tensor in state_dict.items():
-        stem, _, leaf = key.partition(".")
-        stems.setdefault(stem, {})[leaf] = tensor
-    entries = []
-    components = kohya_components()
-    longest_first = sorted(components, key=len, reverse=True)
-    for stem, parts in sorted(stems.items()):
-        prefix = next((p for p in longest_first if stem.startswith(p + "_")),
-                      "_".join(stem.split("_", 2)[:2]))
-        component = components.get(prefix, prefix)
-        kind, rank = _kohya_kind(parts)
-        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
-        entries.append(Entry(component, stem, rank, alpha, kind))
-    return entries
-
-
-def _kohya_kind(parts: dict) -> tuple[str, int]:
-    if "lora_down.weight" in parts:
-        return ("dora" if "dora_scale" in parts else "lora"), int(parts["lora_down.weight"].shape[0])
-    if "hada_w1_b" in parts:
-        return "loha", int(parts["hada_w1_b"].shape[0])
-    if "lokr_w1" in parts or "lokr_w1_a" in parts:
-        w = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
-        return "lokr", int(w.shape[0]) if w is not None else 0
-    return "other", 0
-
-
-def diffusers_entries(state_dict: dict, adapter_metadata: dict | None) -> list[Entry]:
-    by_component: dict[str, dict] = {}
-    for key, tensor in state_dict.items():
-        component, _, rest = key.partition(".")
-        by_component.setdefault(component, {})[rest] = tensor
-    entries = []
-    for component, sd in sorted(by_component.items()):
-        config = {k[len(component) + 1:]: v for k, v in (adapter_metadata or {}).items()
-                  if k.startswith(component + ".")}
-        entries += [Entry(component, e.name, e.rank, e.alpha, e.kind)
-                    for e in peft_entries(sd, config or None)]
-    return entries
-
-
-def peft_entries(state_dict: dict, config: dict | None) -> list[Entry]:
-    """Entries of a peft state dict; without a config alpha is unknown and reported as rank."""
-    entries = []
-    dora = {k.rsplit(".lora_magnitude_vector", 1)[0] for k in state_dict if "lora_magnitude_vector" in k}
-    for key, tensor in sorted(state_dict.items()):
-        for suffix in (".lora_A.weight", ".lora.down.weight", "_lora.down.weight"):
-            if key.endswith(suffix):
-                path = key[: -len(suffix)].removeprefix("base_model.model.")
-                rank = int(tensor.shape[0])
-                alpha = peft_alpha(config, path, rank) if config else float(rank)
-                entries.append(Entry("model", path, rank, alpha,
-                                     "dora" if key[: -len(suffix)] in dora else "lora"))
-    return entries

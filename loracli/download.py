@@ -1,11 +1,12 @@
-"""Moving bytes from a mirror into the cache: HTTP, resume, verification, parallel files.
+"""Moving bytes from a mirror into the cache: resume, verification, parallel files.
 
-Each file is written to `blobs/<sha256 or git oid>.incomplete`, resumed with `Range` from whatever
-an earlier run left there (a 200 to a ranged request starts over; a 416 drops the stale partial),
-hashed while it streams, and renamed into `blobs/` only when its digest matches what the mirror
-published. Transient failures (drops, 5xx, time-outs) are retried on the same mirror, then the
-next source is tried; a wrong digest or a 404 moves on at once. `HF_TOKEN` goes only to hub-kind
-mirrors, never into a message.
+Each file is written to `blobs/<sha256 or git oid>.incomplete` (the digest checked, the path
+resolved inside the cache: `hubcache.blob_path`), resumed with `Range` from whatever an earlier
+run left there (a 200 to a ranged request starts over; a 416 drops the stale partial), hashed
+while it streams, and renamed into `blobs/` only when its digest is the blob's name. Drops and
+5xx are retried on the same mirror; a stall, a refused connection or a DNS failure leaves that
+mirror for the rest of the fetch at once (`transport.Client.down`); a wrong digest or a 404 moves
+on to the next mirror.
 """
 
 from __future__ import annotations
@@ -18,28 +19,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import quote
 
-from loracli import __version__, atomic
+from loracli import atomic, hubcache
 from loracli.errors import LoraError
 from loracli.mirrors import Mirror
+from loracli.transport import CHUNK, DOWN_STATES, Client, MirrorError, file_url
 
-CHUNK = 1 << 20
 RETRIES = 3
-DEFAULT_TIMEOUT = 30.0
 
 Events = Callable[[dict], None]
-
-class MirrorError(Exception):
-    """One mirror failed one request. `permanent`: retrying the same mirror will not help."""
-
-    def __init__(self, message: str, permanent: bool = False):
-        super().__init__(message)
-        self.permanent = permanent
 
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """One file of a listing; its path and digests were checked (`hubcache`) when it was listed."""
+
     path: str
     size: int
     sha256: str | None = None  # what LFS publishes (and what a manifest lists)
@@ -49,103 +43,6 @@ class RemoteFile:
     def blob(self) -> str:
         """The blob's name in the cache: sha256 for LFS files, the git oid otherwise (as HF does)."""
         return self.sha256 or self.oid or ""
-
-
-def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
-
-
-def timeout_default() -> float:
-    try:
-        return float(os.environ.get("LORA_TIMEOUT", DEFAULT_TIMEOUT))
-    except ValueError:
-        return DEFAULT_TIMEOUT
-
-
-class Client:
-    """HTTP to mirrors: one connection pool, per-request endpoint, the token only to hub mirrors."""
-
-    def __init__(self, timeout: float | None = None, token: str | None = None, workers: int = 4):
-        import urllib3
-
-        self.timeout = timeout or timeout_default()
-        self.token = token
-        self._urllib3 = urllib3
-        self.pool = urllib3.PoolManager(
-            num_pools=8, maxsize=max(4, workers),
-            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
-            timeout=urllib3.Timeout(connect=min(self.timeout, 10.0), read=self.timeout),
-        )
-        self._kinds: dict[str, str] = {}
-
-    def headers(self, mirror: Mirror, extra: dict | None = None) -> dict:
-        h = {"User-Agent": f"lora/{__version__}", "Accept-Encoding": "identity"}
-        if self.token and self.kind(mirror) == "hub":
-            h["Authorization"] = f"Bearer {self.token}"
-        h.update(extra or {})
-        return h
-
-    def request(self, mirror: Mirror, url: str, headers: dict | None = None, stream: bool = False):
-        try:
-            return self.pool.request("GET", url, headers=self.headers(mirror, headers),
-                                     preload_content=not stream, decode_content=False)
-        except self._urllib3.exceptions.HTTPError as e:
-            raise MirrorError(_describe(e, self.timeout)) from None
-
-    def get_json(self, mirror: Mirror, url: str):
-        r = self.request(mirror, url)
-        _check_status(r, url)
-        try:
-            return r.json(), r.headers
-        except ValueError:
-            raise MirrorError(f"{url}: not JSON (is this a {mirror.kind} mirror?)", True) from None
-
-    def kind(self, mirror: Mirror) -> str:
-        """hub or files; a bare URL is files-kind when it serves `lora-mirror.json`."""
-        if mirror.kind != "auto":
-            return mirror.kind
-        if mirror.url not in self._kinds:
-            kind = "hub"
-            try:  # no token: we do not know yet what this server is
-                r = self.pool.request("GET", mirror.url + "/lora-mirror.json",
-                                      headers={"User-Agent": f"lora/{__version__}"})
-                if r.status == 200 and r.json().get("kind") == "files":
-                    kind = "files"
-            except (self._urllib3.exceptions.HTTPError, ValueError, AttributeError):
-                pass
-            self._kinds[mirror.url] = kind
-        return self._kinds[mirror.url]
-
-
-def _describe(e: Exception, timeout: float) -> str:
-    name = type(e).__name__
-    text = str(e)
-    if "timed out" in text.lower() or "Timeout" in name:
-        return f"timed out after {timeout:g} s"
-    if "NewConnectionError" in text or "Connection refused" in text:
-        return "connection refused"
-    if "IncompleteRead" in text or "Connection broken" in text or "ProtocolError" in name:
-        return "connection dropped mid-transfer"
-    return f"{name}: {text.split(': ', 1)[-1][:160]}"
-
-
-def _check_status(r, url: str) -> None:
-    if r.status < 300:
-        return
-    code = r.headers.get("X-Error-Code", "")
-    if r.status in (401, 403):
-        raise MirrorError(f"HTTP {r.status} {code or 'unauthorized'} (gated or private? set HF_TOKEN)", True)
-    if r.status == 404:
-        raise MirrorError(f"HTTP 404 {code or 'not found'}", True)
-    if r.status == 416:
-        raise MirrorError("HTTP 416: stale partial file, starting it over")
-    raise MirrorError(f"HTTP {r.status}{' ' + code if code else ''}", r.status < 500 and r.status != 429)
-
-
-def file_url(client: Client, mirror: Mirror, repo_id: str, commit: str, path: str) -> str:
-    if client.kind(mirror) == "files":
-        return f"{mirror.url}/{repo_id}/{quote(path, safe='/')}"
-    return f"{mirror.url}/{repo_id}/resolve/{commit}/{quote(path, safe='/')}"
 
 
 # --- downloading -----------------------------------------------------------------------------
@@ -158,7 +55,6 @@ class Fetcher:
         self.client = client
         self.repo_dir = repo_dir
         self.sources = sources
-        self.down: dict[str, str] = {}
         self.on_event = on_event
         self.workers = workers
         self.transferred = 0
@@ -170,7 +66,7 @@ class Fetcher:
             self.on_event(e)
 
     def blob_path(self, f: RemoteFile) -> Path:
-        return self.repo_dir / "blobs" / f.blob
+        return hubcache.blob_path(self.repo_dir, f.blob)
 
     def run(self, files: list[RemoteFile], commit: str, repo_id: str) -> None:
         (self.repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
@@ -199,17 +95,21 @@ class Fetcher:
     def download(self, f: RemoteFile, commit: str, repo_id: str) -> None:
         reasons = []
         for mirror in self.sources:
-            if mirror.url in self.down:
+            if mirror.url in self.client.down:
+                reasons.append(f"{mirror.name}: {self.client.down[mirror.url]}")
                 continue
             try:
                 self._download_from(mirror, f, commit, repo_id)
                 self.event(event="file_done", path=f.path, mirror=mirror.name)
                 return
+            except OSError as e:
+                raise LoraError(f"could not write {f.path} into {self.repo_dir / 'blobs'}: "
+                                f"{e.strerror or e}", "free some disk space (or set LORA_CACHE to "
+                                "another disk), then run the same `lora fetch` again") from None
             except MirrorError as e:
                 reasons.append(f"{mirror.name}: {e}")
-                if not e.permanent:
-                    with self._lock:
-                        self.down.setdefault(mirror.url, str(e))
+                if not e.permanent:  # retried and still failing, or stalled: leave it
+                    self.client.mark_down(mirror, MirrorError(str(e), state="given-up"))
                 self.event(event="fallback", mirror=mirror.name, path=f.path, reason=str(e))
         raise LoraError(f"could not download {f.path} from any mirror", details=reasons,
                         hint="lora mirror test   (then `lora fetch … --mirror NAME` with one that answers)")
@@ -238,7 +138,7 @@ class Fetcher:
             except MirrorError as e:
                 if part.exists() and "416" in str(e):
                     part.unlink()
-                if e.permanent:
+                if e.permanent or e.state in DOWN_STATES or mirror.url in self.client.down:
                     raise
                 attempts += 1
                 if attempts >= RETRIES:
@@ -262,16 +162,17 @@ class Fetcher:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         r = self.client.request(mirror, url, headers, stream=True)
         try:
-            _check_status(r, url)
+            self.client.check_status(r, url)
             if offset and r.status == 200:  # the server ignored Range (olah does): start over
                 offset = 0
                 for h in hashers:
                     h.reset()
             elif offset and not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                raise MirrorError(f"bad Content-Range {r.headers.get('Content-Range')!r}", True)
+                raise MirrorError(f"bad Content-Range "
+                                  f"{self.client.clean(r.headers.get('Content-Range'), 60)!r}", True)
             done = offset
             with open(part, "ab" if offset else "wb") as out:
-                for chunk in r.stream(CHUNK):
+                for chunk in self.client.chunks(mirror, r, url, f.size - offset):
                     if self._cancel.is_set():
                         raise KeyboardInterrupt
                     out.write(chunk)
@@ -285,11 +186,11 @@ class Fetcher:
                         raise MirrorError(f"served more than the listed {f.size} bytes", True)
                 out.flush()
                 os.fsync(out.fileno())
-            return done
-        except self.client._urllib3.exceptions.HTTPError as e:
-            raise MirrorError(_describe(e, self.client.timeout)) from None
-        finally:
-            r.release_conn()
+        except BaseException:
+            self.client.discard(r)  # never hand a half-read connection back to the pool
+            raise
+        r.release_conn()
+        return done
 
 
 class _Hasher:

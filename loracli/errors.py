@@ -13,14 +13,17 @@ class LoraError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None, details: list[str] | None = None):
+    def __init__(self, message: str, hint: str | None = None, details: list[str] | None = None,
+                 data=None):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.details = list(details or [])
+        self.data = data  # what the command found before failing (the `result` of its --json)
 
     def to_dict(self) -> dict:
-        return {"error": self.message, "hint": self.hint, "details": self.details}
+        found = {"result": self.data} if self.data is not None else {}
+        return {"error": self.message, "hint": self.hint, "details": self.details, **found}
 
 
 class BusyError(LoraError):

@@ -1,178 +1,33 @@
-"""What to fetch and from where: list a model on a mirror, pick its files, fetch it, probe mirrors.
+"""`lora fetch`: list a model on a mirror, pick its files, download them into the cache.
 
 Why not `huggingface_hub.snapshot_download` alone (see reference/hub.md): it does not resume a
 download killed in an earlier run, it checks sizes only, it reads `HF_ENDPOINT`/`HF_HUB_OFFLINE`
 once at import, and its Xet path fetches bytes around a mirror. So here:
-- the commit sha is pinned first (`/api/models/{repo}/revision/{rev}`), the file list with
-  sha256 comes from the recursive tree (or a files-kind mirror's manifest);
-- `loracli.download` moves the bytes: resumable, verified before a blob enters the cache,
-  parallel; the snapshot links and `refs/<revision>` come last;
-- a per-model file lock makes two processes end with one correct copy; mirrors are tried in order
-  (chosen, then fallbacks), each switch reported; the endpoint is passed per request.
+- the commit sha is pinned first and the file list with sha256 comes from the recursive tree (or a
+  files-kind mirror's manifest), every name in them checked (`listing`, `hubcache`);
+- `download` moves the bytes: resumable, verified before a blob enters the cache, parallel; the
+  snapshot links and `refs/<revision>` come last, under the model's lock;
+- mirrors are tried in the user's order (`mirrors.chain`), or, when nothing was ever chosen, all at
+  once with the fastest kept (`health.fastest`); a mirror that fails or stalls is left for the rest
+  of the fetch (`transport.Client.down`); the endpoint is passed per request.
 The result is the Hugging Face cache layout, so `from_pretrained(..., local_files_only=True)`,
-`hf_hub_download` offline and open_clip read it. This module and `download` are the only
-network code.
+`hf_hub_download` offline and open_clip read it. This module, `listing`, `health`, `transport`,
+`connections` and `download` are the only network code. Anything a server said is redacted of
+the token.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from urllib.parse import quote
 
-from loracli import mirrors, models, paths, tracking
-from loracli.download import (RETRIES, Client, Events, Fetcher, MirrorError, RemoteFile,  # noqa: F401
-                              _check_status, _token, file_url)
+from loracli import health, hubcache, listing, mirrors, models, paths, tracking
+from loracli.download import RETRIES, Events, Fetcher, RemoteFile  # noqa: F401 (hub.RemoteFile)
 from loracli.errors import LoraError
+from loracli.listing import select  # noqa: F401 (hub.select)
 from loracli.mirrors import Mirror
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".msgpack", ".h5")
-
-
-@dataclass
-class Listing:
-    repo_id: str
-    revision: str
-    commit: str
-    files: list[RemoteFile]
-    source: Mirror
-
-
-
-# --- listing ---------------------------------------------------------------------------------
-
-def _files_from_tree(entries: list) -> list[RemoteFile]:
-    files = []
-    for e in entries:
-        if e.get("type") != "file":
-            continue
-        path = e["path"]
-        try:
-            models.check_rel_path(path)
-        except LoraError as err:
-            raise MirrorError(err.message, True) from None
-        lfs = e.get("lfs") or {}
-        if not (lfs.get("oid") or e.get("oid")):
-            raise MirrorError(f"no sha256 or git oid listed for {path}: it could not be verified", True)
-        files.append(RemoteFile(path, int(e.get("size", lfs.get("size", 0))), lfs.get("oid"), e.get("oid")))
-    return files
-
-
-def list_hub(client: Client, mirror: Mirror, ref: models.ModelRef) -> Listing:
-    rev = quote(ref.revision, safe="")
-    info, _ = client.get_json(mirror, f"{mirror.url}/api/models/{ref.repo_id}/revision/{rev}")
-    commit = str(info.get("sha") or "")
-    if len(commit) != 40:
-        raise MirrorError("revision answer has no commit sha", True)
-    url = f"{mirror.url}/api/models/{ref.repo_id}/tree/{commit}?recursive=true&expand=false"
-    entries: list = []
-    while url:
-        page, headers = client.get_json(mirror, url)
-        entries.extend(page)
-        url = _next_link(headers.get("Link", ""))
-    return Listing(ref.repo_id, ref.revision, commit, _files_from_tree(entries), mirror)
-
-
-def _next_link(link: str) -> str | None:
-    for part in link.split(","):
-        if 'rel="next"' in part and "<" in part:
-            return part[part.index("<") + 1 : part.index(">")]
-    return None
-
-
-def list_files_mirror(client: Client, mirror: Mirror, ref: models.ModelRef) -> Listing | None:
-    """From `{url}/{repo}/lora-manifest.json`; None when the mirror has no manifest."""
-    try:
-        data, _ = client.get_json(mirror, f"{mirror.url}/{ref.repo_id}/lora-manifest.json")
-    except MirrorError as e:
-        if "404" in str(e):
-            return None
-        raise
-    commit = str(data.get("commit", ""))
-    if ref.revision not in (data.get("revision", "main"), commit):
-        raise MirrorError(f"serves {data.get('revision', 'main')} ({commit[:7]}) only, "
-                          f"not {ref.revision}", True)
-    entries = [{"type": "file", "path": f["path"], "size": f["size"], "oid": f.get("oid"),
-                "lfs": {"oid": f["sha256"]} if f.get("sha256") and (f.get("lfs", True) or not f.get("oid"))
-                else None} for f in data["files"]]
-    return Listing(ref.repo_id, ref.revision, commit, _files_from_tree(entries), mirror)
-
-
-def variant_of(path: str) -> str | None:
-    """`unet/diffusion_pytorch_model.fp16.safetensors` → fp16 (also for `.index.fp16.json`)."""
-    parts = path.rsplit("/", 1)[-1].split(".")
-    if len(parts) >= 3 and parts[-1] in {s[1:] for s in WEIGHT_SUFFIXES}:
-        return parts[-2]
-    if len(parts) >= 4 and parts[-1] == "json" and parts[-3] == "index":
-        return parts[-2]
-    return None
-
-
-def select(files: list[RemoteFile], include, exclude=(), variant: str | None = None) -> list[RemoteFile]:
-    """The files a fetch takes: matching `include`, not `exclude`, and the weights of one variant
-    (per folder, `variant` files where there are some, the plain ones otherwise)."""
-    chosen = [f for f in files if models.matches(f.path, include, exclude)]
-    with_variant = {f.path.rpartition("/")[0] for f in chosen if variant and variant_of(f.path) == variant}
-    keep = []
-    for f in chosen:
-        v = variant_of(f.path)
-        folder = f.path.rpartition("/")[0]
-        if v is None and not (folder in with_variant and _is_weight(f.path)):
-            keep.append(f)
-        elif v is not None and v == variant:
-            keep.append(f)
-    return keep
-
-
-def _is_weight(path: str) -> bool:
-    return path.endswith(WEIGHT_SUFFIXES) or path.endswith(".index.json")
-
-
-# --- the fetch -------------------------------------------------------------------------------
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def model_lock(repo_dir: Path):
-    from filelock import FileLock
-
-    locks = repo_dir.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(locks / f"{repo_dir.name}.lora.lock"))
-
-
-def find_listing(client: Client, ref: models.ModelRef, chain: list[Mirror], event: Events):
-    """Ask each mirror in order; returns (listing, the mirrors left to download from, reasons)."""
-    reasons, sources = [], []
-    for i, mirror in enumerate(chain):
-        nxt = chain[i + 1].name if i + 1 < len(chain) else None
-        if mirror.retired:
-            reasons.append(f"{mirror.name}: retired ({mirror.retired})")
-            event({"event": "fallback", "mirror": mirror.name, "next": nxt,
-                   "reason": f"retired ({mirror.retired})"})
-            continue
-        try:
-            if client.kind(mirror) == "files":
-                listing = list_files_mirror(client, mirror, ref)
-                sources.append(mirror)
-                if listing is None:  # bytes only: the list and hashes come from a hub mirror
-                    event({"event": "note", "message": f"{mirror.name} has no manifest; "
-                           "taking the file list and sha256 from the next hub mirror"})
-                    continue
-            else:
-                listing = list_hub(client, mirror, ref)
-                sources.append(mirror)
-            sources += [m for m in chain[i + 1:] if not m.retired]
-            return listing, sources, reasons
-        except MirrorError as e:
-            reasons.append(f"{mirror.name}: {e}")
-            if mirror in sources:
-                sources.remove(mirror)
-            event({"event": "fallback", "mirror": mirror.name, "next": nxt, "reason": str(e)})
-    return None, sources, reasons
+from loracli.transport import Client, redact, redact_all, token
 
 
 def _complete(repo_dir: Path, commit: str, files: list[RemoteFile]) -> bool:
@@ -182,11 +37,41 @@ def _complete(repo_dir: Path, commit: str, files: list[RemoteFile]) -> bool:
 
 def _cached(ref: models.ModelRef, repo_dir: Path, **extra) -> dict | None:
     """The result for a model already in the cache at its revision, or None."""
-    commit = models.commit_for(ref.repo_id, ref.revision, repo_dir.parent)
-    if not commit or not (repo_dir / "snapshots" / commit).is_dir():
+    commit = hubcache.commit_for(ref.repo_id, ref.revision, repo_dir.parent)
+    snap = repo_dir / "snapshots" / commit if commit else None
+    if snap is None or not snap.is_dir():
         return None
+    files = [{"path": p.relative_to(snap).as_posix(), "size": p.stat().st_size}
+             for p in sorted(snap.rglob("*")) if p.is_file()]
     return {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": commit,
-            "snapshot": str(repo_dir / "snapshots" / commit), "cached": True, "downloaded": 0, **extra}
+            "snapshot": str(snap), "files": files, "size": sum(f["size"] for f in files),
+            "cached": True, "downloaded": 0, **extra}
+
+
+def _chain(client: Client, ref: models.ModelRef, chosen: str | None, strict: bool,
+           event: Events) -> list[Mirror]:
+    """The mirrors to ask, in order; with nothing chosen ever, the fastest of a race, remembered."""
+    if not mirrors.needs_probe(chosen):
+        chain = mirrors.chain(chosen, strict)
+        if not chain:
+            raise LoraError("no mirror to fetch from: the mirror order is empty",
+                            "lora mirror use hf-mirror hf")
+        return chain
+    order, seen = health.fastest(client, ref, mirrors.candidates())
+    good = [(m, ms) for m, ok, ms, _ in seen if ok]
+    if good:
+        mirrors.remember([m.name for m in order])
+        event({"event": "note", "message": f"no mirror chosen yet: asked {len(order)} at once; "
+               f"{good[0][0].name} answered first ({good[0][1]:.0f} ms) and is used from now on "
+               f"(order: {', '.join(m.name for m in order)}; change it with `lora mirror use`)"})
+    return order[:1] if strict else order
+
+
+def _hint(model: str, chain: list[Mirror], client: Client) -> str:
+    untried = [m for m in mirrors.candidates() if m not in chain and m.url not in client.down]
+    if untried:
+        return f"lora fetch {model} --mirror {untried[0].name}   (or `lora mirror test` to see which answer)"
+    return "lora mirror test   (then `lora mirror add NAME URL` for a mirror that answers on your network)"
 
 
 def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
@@ -196,57 +81,72 @@ def fetch(model: str, *, mirror: str | None = None, revision: str | None = None,
     """Fetch `model` into the cache (verified, resumable); returns what was done.
 
     `allow_stale`: when no mirror answers, a cached copy counts as success (not for sync)."""
-    event = on_event or (lambda e: None)
+    secret = token()
+    sink = on_event or (lambda e: None)
+    try:
+        result = _fetch(model, mirror, revision, tuple(include), tuple(exclude), variant, strict,
+                        dry_run, workers, timeout, lambda e: sink(redact_all(e, secret)), allow_stale,
+                        secret)
+    except LoraError as e:
+        e.message, e.hint = redact(e.message, secret), e.hint and redact(e.hint, secret)
+        e.details = [redact(d, secret) for d in e.details]
+        raise
+    return redact_all(result, secret)
+
+
+def _fetch(model, mirror, revision, include, exclude, variant, strict, dry_run, workers, timeout,
+           event, allow_stale, secret) -> dict:
     ref = models.resolve(model)
     if revision:
-        ref = replace(ref, revision=revision)
+        ref = replace(ref, revision=models.check_revision(revision, model))
     if ref.renamed_from:
         event({"event": "note", "message": f"{ref.renamed_from} was renamed; using {ref.repo_id}"})
-    include, exclude = tuple(include) or ref.include, tuple(exclude)
-    repo_dir = models.repo_folder(ref.repo_id, paths.cache_dir())
+    include = include or ref.include
+    repo_dir = hubcache.repo_folder(ref.repo_id, paths.cache_dir())
     if ref.local:
-        existed = models.commit_for(ref.repo_id, "main", repo_dir.parent) is not None
+        existed = hubcache.commit_for(ref.repo_id, "main", repo_dir.parent) is not None
         return {**_record_local(ref, models.install_tiny(ref.alias)), "cached": existed}
-    chain = mirrors.chain(mirror or ref.endpoint, strict)
-    if _offline():
+    if mirror or ref.endpoint:
+        mirrors.get(mirror or ref.endpoint)  # an unknown name is an error even offline
+    if mirrors.offline():
         found = _cached(ref, repo_dir, offline=True)
         if found:
             return found
         raise LoraError(f"HF_HUB_OFFLINE is set, so {ref.name} cannot be downloaded",
                         f"HF_HUB_OFFLINE=0 lora fetch {model}")
-    client = Client(timeout, _token(), workers)
-    listing, sources, reasons = find_listing(client, ref, chain, event)
-    if listing is None:
-        found = _cached(ref, repo_dir, stale_check_failed=reasons) if allow_stale else None
-        if found:
+    client = Client(timeout, secret, workers)
+    chain = _chain(client, ref, mirror or ref.endpoint, strict, event)
+    found, sources, reasons = listing.find(client, ref, chain, event)
+    if found is None:
+        stale = _cached(ref, repo_dir, stale_check_failed=reasons) if allow_stale else None
+        if stale:
             event({"event": "note", "message": "no mirror answers; the cached copy is used as it is"})
-            return found
+            return stale
         raise LoraError(f"no mirror could list {ref.name} ({ref.repo_id}@{ref.revision})",
-                        f"lora mirror test   (or `lora fetch {model} --mirror hf-mirror`)", reasons)
-    files = select(listing.files, include, exclude, variant)
+                        _hint(model, chain, client), reasons)
+    files = select(found.files, include, exclude, variant)
     if not files:
-        raise LoraError(f"no file of {ref.repo_id}@{listing.commit[:7]} matches the patterns",
+        raise LoraError(f"no file of {ref.repo_id}@{found.commit[:7]} matches the patterns",
                         f"lora fetch {model} --dry-run --include '*'   (to see every file)")
-    base = {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": listing.commit,
-            "mirror": listing.source.name, "size": sum(f.size for f in files), "fallbacks": reasons}
+    base = {"model": ref.name, "repo_id": ref.repo_id, "revision": ref.revision, "commit": found.commit,
+            "mirror": found.source.name, "size": sum(f.size for f in files), "fallbacks": reasons}
+    have = {f.path for f in files if hubcache.blob_path(repo_dir, f.blob).exists()}
+    rows = [{"path": f.path, "size": f.size, "sha256": f.sha256, "cached": f.path in have} for f in files]
     if dry_run:
-        cached = {f.path for f in files if (repo_dir / "blobs" / f.blob).exists()}
-        return {**base, "dry_run": True,
-                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "cached": f.path in cached}
-                          for f in files],
-                "to_download": sum(f.size for f in files if f.path not in cached)}
+        return {**base, "dry_run": True, "files": rows,
+                "to_download": sum(f.size for f in files if f.path not in have)}
     fetcher = Fetcher(client, repo_dir, sources, event, workers)
-    already = _download(fetcher, ref, listing.commit, files)
-    snap = repo_dir / "snapshots" / listing.commit
+    already = _download(fetcher, ref, found.commit, files)
+    snap = repo_dir / "snapshots" / found.commit
     tracking.save({
         "alias": ref.alias, "name": ref.name, "repo_id": ref.repo_id, "revision": ref.revision,
         "include": list(include), "exclude": list(exclude), "variant": variant, "mirror": mirror,
-        "commit": listing.commit, "size": base["size"], "snapshot": str(snap),
+        "commit": found.commit, "size": base["size"], "snapshot": str(snap),
         "files": {f.path: {"size": f.size, "sha256": f.sha256, "oid": f.oid, "blob": f.blob} for f in files},
         "fetched_at": tracking.now_iso(),
     })
-    used = next((m.name for m in sources if m.url not in fetcher.down), listing.source.name)
-    return {**base, "mirror": used, "snapshot": str(snap), "files": len(files),
+    used = next((m.name for m in sources if m.url not in client.down), found.source.name)
+    return {**base, "mirror": used, "snapshot": str(snap), "files": rows,
             "downloaded": fetcher.transferred, "cached": already and not fetcher.transferred}
 
 
@@ -256,7 +156,7 @@ def _download(fetcher: Fetcher, ref: models.ModelRef, commit: str, files: list[R
     from filelock import Timeout
 
     repo_dir = fetcher.repo_dir
-    lock = model_lock(repo_dir)
+    lock = hubcache.model_lock(repo_dir)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -264,14 +164,18 @@ def _download(fetcher: Fetcher, ref: models.ModelRef, commit: str, files: list[R
         lock.acquire()
     try:
         already = _complete(repo_dir, commit, files)
-        todo = {f.blob: f for f in files if not (repo_dir / "blobs" / f.blob).exists()}
+        todo = {f.blob: f for f in files if not hubcache.blob_path(repo_dir, f.blob).exists()}
         fetcher.event(event="plan", files=len(files), todo=len(todo),
                       todo_bytes=sum(f.size for f in todo.values()),
                       mirror=fetcher.sources[0].name if fetcher.sources else None)
         fetcher.run(files, commit, ref.repo_id)
-        for f in files:
-            models.link_into_snapshot(repo_dir, commit, f.path, f.blob)
-        models.set_ref(repo_dir, ref.revision, commit)
+        try:
+            for f in files:
+                hubcache.link_into_snapshot(repo_dir, commit, f.path, f.blob)
+            hubcache.set_ref(repo_dir, ref.revision, commit)
+        except OSError as e:
+            raise LoraError(f"could not write the snapshot of {ref.name} in {repo_dir}: {e.strerror or e}",
+                            f"lora cache rm {ref.name} --yes   (then fetch it again)") from None
     finally:
         lock.release()
     return already
@@ -286,37 +190,6 @@ def _record_local(ref: models.ModelRef, snap: Path) -> dict:
                    "commit": snap.name, "size": total, "snapshot": str(snap), "files": files,
                    "fetched_at": tracking.now_iso()})
     return {"model": ref.name, "repo_id": ref.repo_id, "revision": "main", "commit": snap.name,
-            "snapshot": str(snap), "size": total, "files": len(files), "downloaded": 0,
-            "cached": True, "mirror": "local build"}
-
-
-def probe(mirror: Mirror, model: str = "sd15", file: str = "model_index.json",
-          timeout: float = 10.0) -> dict:
-    """Is a mirror reachable, how fast does it answer, does it serve a small known file?"""
-    client = Client(timeout, _token(), 1)
-    ref = models.resolve(model)
-    row = {"name": mirror.name, "url": mirror.url, "kind": mirror.kind, "reachable": False,
-           "latency_ms": None, "serves_file": False, "error": "", "retired": mirror.retired}
-    start = time.monotonic()
-    try:
-        kind = client.kind(mirror)
-        row["kind"] = kind
-        if kind == "hub":
-            info, _ = client.get_json(mirror, f"{mirror.url}/api/models/{ref.repo_id}/revision/main")
-            row["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
-            row["reachable"] = True
-            url = file_url(client, mirror, ref.repo_id, str(info.get("sha", "main")), file)
-        else:
-            url = file_url(client, mirror, ref.repo_id, "", file)
-        r = client.request(mirror, url)
-        if row["latency_ms"] is None:
-            row["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
-        row["reachable"] = True
-        _check_status(r, url)
-        row["serves_file"] = bool(r.data)
-    except MirrorError as e:
-        row["error"] = str(e)
-        if row["latency_ms"] is None and ("HTTP" in str(e)):
-            row["reachable"] = True
-            row["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
-    return row
+            "snapshot": str(snap), "size": total, "downloaded": 0, "cached": True, "mirror": "local build",
+            "files": [{"path": k, "size": v["size"], "sha256": v["blob"] if len(v["blob"]) == 64 else None,
+                       "cached": True} for k, v in sorted(files.items())]}

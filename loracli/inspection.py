@@ -10,9 +10,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracli import convert, families
+from loracli import compat, convert, families
 from loracli.errors import LoraError
-
 
 
 @dataclass(frozen=True)
@@ -29,16 +28,16 @@ def inspect_lora(path: str | Path) -> dict:
         tensors, header = _read(file)
         size += file.stat().st_size
         dtypes.update(header.pop("__dtypes__"))
-        fmt = fmt or convert.detect_format(tensors)
+        fmt = fmt or detect_format(tensors)
         if fmt == "kohya":
-            entries += convert.kohya_entries(tensors)
+            entries += kohya_entries(tensors)
         elif fmt == "diffusers":
             adapter = json.loads(header.get("lora_adapter_metadata", "null") or "null")
-            entries += convert.diffusers_entries(tensors, adapter)
+            entries += diffusers_entries(tensors, adapter)
         elif fmt == "peft":
             config = _peft_config(file)
-            entries += [convert.Entry(component or e.component, e.name, e.rank, e.alpha, e.kind)
-                        for e in convert.peft_entries(tensors, config)]
+            entries += [Entry(component or e.component, e.name, e.rank, e.alpha, e.kind)
+                        for e in peft_entries(tensors, config)]
         else:
             raise LoraError(f"{file}: no LoRA tensors found (neither kohya, diffusers nor peft keys)",
                             "pass a LoRA .safetensors file")
@@ -46,10 +45,11 @@ def inspect_lora(path: str | Path) -> dict:
     if not entries:
         raise LoraError(f"{path}: no LoRA modules found", "pass a LoRA .safetensors file")
     modules = dict(sorted(Counter(e.component for e in entries).items()))
+    version = _version(metadata, entries, files, fmt)
     return {
         "path": str(path),
         "format": fmt,
-        "base_model_version": _version(metadata, entries, files, fmt),
+        "base_model_version": version,
         "name": metadata.get("ss_output_name") or metadata.get("modelspec.title") or "",
         "modules": modules,
         "ranks": sorted({e.rank for e in entries}),
@@ -59,7 +59,99 @@ def inspect_lora(path: str | Path) -> dict:
         "size_bytes": size,
         "trigger_words": _triggers(metadata),
         "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items()) if k != "format"},
+        "compatibility": compatibility(entries, fmt, version),
     }
+
+
+def compatibility(entries: list, fmt: str, version: str) -> list[dict]:
+    """The per-loader report of `loracli.compat` for a kohya file (the layout every loader reads);
+    other formats are read by diffusers/peft only, and get none."""
+    if fmt != "kohya":
+        return []
+    family = next((f.name for f in families.all() if f.base_version == version), "")
+    return compat.report([e.name for e in entries], family)
+
+
+def detect_format(keys) -> str:
+    """kohya | diffusers | peft | unknown, from tensor names alone."""
+    keys = list(keys)
+    kohya = tuple(prefix + "_" for prefix in convert.kohya_components())
+    if keys and all(k.startswith(kohya) for k in keys):
+        return "kohya"
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
+        return "diffusers"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One module of any LoRA file, for inspection (tensors not kept)."""
+
+    component: str
+    name: str
+    rank: int
+    alpha: float
+    kind: str = "lora"   # lora | dora | loha | lokr | other
+
+
+def kohya_entries(state_dict: dict) -> list[Entry]:
+    stems: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        stem, _, leaf = key.partition(".")
+        stems.setdefault(stem, {})[leaf] = tensor
+    entries = []
+    components = convert.kohya_components()
+    longest_first = sorted(components, key=len, reverse=True)
+    for stem, parts in sorted(stems.items()):
+        prefix = next((p for p in longest_first if stem.startswith(p + "_")),
+                      "_".join(stem.split("_", 2)[:2]))
+        component = components.get(prefix, prefix)
+        kind, rank = _kohya_kind(parts)
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+        entries.append(Entry(component, stem, rank, alpha, kind))
+    return entries
+
+
+def _kohya_kind(parts: dict) -> tuple[str, int]:
+    if "lora_down.weight" in parts:
+        return ("dora" if "dora_scale" in parts else "lora"), int(parts["lora_down.weight"].shape[0])
+    if "hada_w1_b" in parts:
+        return "loha", int(parts["hada_w1_b"].shape[0])
+    if "lokr_w1" in parts or "lokr_w1_a" in parts:
+        w = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+        return "lokr", int(w.shape[0]) if w is not None else 0
+    return "other", 0
+
+
+def diffusers_entries(state_dict: dict, adapter_metadata: dict | None) -> list[Entry]:
+    by_component: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        component, _, rest = key.partition(".")
+        by_component.setdefault(component, {})[rest] = tensor
+    entries = []
+    for component, sd in sorted(by_component.items()):
+        config = {k[len(component) + 1:]: v for k, v in (adapter_metadata or {}).items()
+                  if k.startswith(component + ".")}
+        entries += [Entry(component, e.name, e.rank, e.alpha, e.kind)
+                    for e in peft_entries(sd, config or None)]
+    return entries
+
+
+def peft_entries(state_dict: dict, config: dict | None) -> list[Entry]:
+    """Entries of a peft state dict; without a config alpha is unknown and reported as rank."""
+    entries = []
+    dora = {k.rsplit(".lora_magnitude_vector", 1)[0] for k in state_dict if "lora_magnitude_vector" in k}
+    for key, tensor in sorted(state_dict.items()):
+        for suffix in (".lora_A.weight", ".lora.down.weight", "_lora.down.weight"):
+            if key.endswith(suffix):
+                path = key[: -len(suffix)].removeprefix("base_model.model.")
+                rank = int(tensor.shape[0])
+                alpha = convert.peft_alpha(config, path, rank) if config else float(rank)
+                entries.append(Entry("model", path, rank, alpha,
+                                     "dora" if key[: -len(suffix)] in dora else "lora"))
+    return entries
 
 
 def _files(path: Path) -> list[tuple[Path, str | None]]:

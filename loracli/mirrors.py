@@ -10,21 +10,25 @@ Two kinds of mirror:
 A URL given where a name is expected is a mirror of kind `auto`: files-kind if it serves
 `lora-mirror.json` at its root, hub otherwise.
 
-Settings (`$LORA_HOME/config.toml`): `default_mirror`, `fallbacks` (default hf-mirror, then hf),
-`[mirrors.NAME] url, kind`. `LORA_MIRROR` overrides the default for one shell.
+The fallback order is a list the user sets: `lora mirror use A B C` (`mirror_order` in
+`$LORA_HOME/config.toml`, beside `[mirrors.NAME] url, kind`), or `LORA_MIRROR=A,B,C` for one
+shell. With no choice made, the first fetch tries every mirror at once, keeps the fastest that
+answers first, and remembers that order (`state_dir()/mirror-choice.json`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 
-from loracli import settings
+from loracli import paths, settings
 from loracli.errors import LoraError
 
 KINDS = ("hub", "files")
-DEFAULT_FALLBACKS = ("hf-mirror", "hf")
+DEFAULT_ORDER = ("hf-mirror", "hf")  # what the README promises
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
 
 
@@ -85,29 +89,103 @@ def get(name_or_url: str) -> Mirror:
     return known[name_or_url]
 
 
+def names() -> list[str]:
+    """Every mirror name (built-in and yours). Cheap and quiet: for shell completion."""
+    try:
+        return list(all_mirrors())
+    except Exception:  # a broken config must not break completion
+        return list(BUILTIN)
+
+
+def offline() -> bool:
+    """`HF_HUB_OFFLINE` set: no mirror may be asked (the one place this is parsed)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _configured(config: dict) -> list[str] | None:
+    if "mirror_order" in config:
+        return [str(n) for n in config.get("mirror_order") or []]
+    if "default_mirror" in config or "fallbacks" in config:  # the keys earlier versions wrote
+        first = [config["default_mirror"]] if config.get("default_mirror") else []
+        return list(dict.fromkeys(first + list(config.get("fallbacks", DEFAULT_ORDER))))
+    return None
+
+
+def choice_file():
+    return paths.state_dir() / "mirror-choice.json"
+
+
+def remembered() -> dict | None:
+    """The order the first fetch chose by trying every mirror ({order, at}), or None."""
+    try:
+        data = json.loads(choice_file().read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    order = data.get("order") if isinstance(data, dict) else None
+    return data if isinstance(order, list) and order else None
+
+
+def remember(order: list[str]) -> None:
+    from loracli import atomic
+
+    atomic.write_json(choice_file(), {"order": order,
+                                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def order(config: dict | None = None) -> tuple[list[str], str]:
+    """The fallback order (names or URLs) and who set it: `LORA_MIRROR` (comma-separated),
+    `lora mirror use`, the fastest found by the first fetch, or "" (nothing chosen yet)."""
+    env = [n.strip() for n in os.environ.get("LORA_MIRROR", "").split(",") if n.strip()]
+    if env:
+        return env, "LORA_MIRROR"
+    config = settings.load() if config is None else config
+    configured = _configured(config)
+    if configured is not None:
+        return configured, "lora mirror use"
+    found = remembered()
+    if found:
+        return [str(n) for n in found["order"]], f"fastest answer on {found.get('at', '?')}"
+    return list(DEFAULT_ORDER), ""
+
+
 def default_name(config: dict | None = None) -> str:
-    """`LORA_MIRROR`, else the configured default, else `hf`."""
-    config = settings.load() if config is None else config
-    return os.environ.get("LORA_MIRROR") or config.get("default_mirror") or "hf"
+    """The first mirror of the order."""
+    names_, _ = order(config)
+    return names_[0] if names_ else DEFAULT_ORDER[0]
 
 
-def fallbacks(config: dict | None = None) -> list[str]:
-    config = settings.load() if config is None else config
-    return list(config.get("fallbacks", DEFAULT_FALLBACKS))
+def summary() -> str:
+    """One line for `lora doctor`: the order and who set it."""
+    names_, source = order()
+    how = (f"set by {source}" if source in ("LORA_MIRROR", "lora mirror use") else source
+           or "not chosen yet: the first fetch tries them all and keeps the fastest")
+    return f"{' → '.join(names_) or 'none'} ({how})"
+
+
+def candidates() -> list[Mirror]:
+    """What a first fetch tries, in parallel: every mirror that is not retired."""
+    known = all_mirrors()
+    first = [known[n] for n in DEFAULT_ORDER if n in known]
+    return [m for m in first + [m for m in known.values() if m not in first] if not m.retired]
 
 
 def chain(chosen: str | None = None, strict: bool = False) -> list[Mirror]:
-    """The mirrors to try, in order: the chosen (or default) one, then the fallbacks."""
-    config = settings.load()
-    first = get(chosen or default_name(config))
-    if strict:
-        return [first]
-    order = [first]
-    for name in fallbacks(config):
-        m = get(name)
-        if all(m.url != o.url for o in order):
-            order.append(m)
-    return order
+    """The mirrors to try, in order: the chosen one (`--mirror`), then the fallback order."""
+    names_, source = order()
+    if source.startswith("fastest"):  # a mirror removed since the race is simply left out
+        known = all_mirrors()
+        names_ = [n for n in names_ if n in known or n.startswith(("http://", "https://"))]
+    picked = [get(n) for n in ([chosen] if chosen else []) + names_]
+    result: list[Mirror] = []
+    for m in picked:
+        if all(m.url != o.url for o in result):
+            result.append(m)
+    return result[:1] if strict else result
+
+
+def needs_probe(chosen: str | None = None) -> bool:
+    """Nothing chosen: no `--mirror`, no `LORA_MIRROR`, no `lora mirror use`, no earlier probe."""
+    return not chosen and order()[1] == ""
 
 
 def add(name: str, url: str, kind: str = "hub", force: bool = False) -> Mirror:
@@ -134,39 +212,54 @@ def add(name: str, url: str, kind: str = "hub", force: bool = False) -> Mirror:
 def remove(name: str) -> Mirror:
     if name in BUILTIN:
         raise LoraError(f"{name} is built in and cannot be removed",
-                        "lora mirror use NAME   (to choose another default)")
+                        "lora mirror use NAME…   (to choose the order)")
     mirror = get(name)
 
     def change(data: dict) -> None:
         data.get("mirrors", {}).pop(name, None)
         if data.get("default_mirror") == name:
             data.pop("default_mirror")
-        if name in data.get("fallbacks", []):
-            data["fallbacks"] = [f for f in data["fallbacks"] if f != name]
+        for key in ("fallbacks", "mirror_order"):
+            if name in data.get(key, []):
+                data[key] = [f for f in data[key] if f != name]
 
     settings.update(change)
     return mirror
 
 
-def use(name: str) -> Mirror:
-    """Make `name` (or a URL) the default mirror."""
-    mirror = get(name)
-    if mirror.retired:
-        raise LoraError(f"{name} was retired ({mirror.retired})", "lora mirror use hf-mirror")
-    settings.update(lambda data: data.__setitem__("default_mirror", name))
-    return mirror
+def use(names_: list[str]) -> list[Mirror]:
+    """Make `names_` (names or URLs) the fallback order, first one first."""
+    if not names_:
+        raise LoraError("name at least one mirror", "lora mirror use hf-mirror hf")
+    chosen = [get(n) for n in names_]
+    for m in chosen:
+        if m.retired:
+            raise LoraError(f"{m.name} was retired ({m.retired})",
+                            "lora mirror use " + (" ".join(n for n in names_ if n != m.name) or "hf-mirror"))
+    order_ = list(dict.fromkeys(names_))
+
+    def change(data: dict) -> None:
+        data.pop("default_mirror", None)
+        data.pop("fallbacks", None)
+        data["mirror_order"] = order_
+
+    settings.update(change)
+    return chosen
 
 
 def listing() -> list[dict]:
-    """Every mirror with its role, for `lora mirror list`."""
-    config = settings.load()
-    default = default_name(config)
-    fb = fallbacks(config)
+    """Every mirror with its place in the order (`role`: default, fallback N), for `mirror list`."""
+    names_, source = order()
     rows = []
-    for m in all_mirrors().values():
-        role = "default" if m.name == default else f"fallback {fb.index(m.name) + 1}" if m.name in fb else ""
-        status = f"retired: {m.retired}" if m.retired else m.note
-        rows.append({**m.to_dict(), "role": role, "status": status})
-    if default.startswith(("http://", "https://")):
-        rows.append({**get(default).to_dict(), "role": "default", "status": "from LORA_MIRROR or config"})
-    return rows
+    seen = set()
+    for m in list(all_mirrors().values()) + [get(n) for n in names_ if n.startswith(("http://", "https://"))]:
+        if m.name in seen:
+            continue
+        seen.add(m.name)
+        pos = names_.index(m.name) if m.name in names_ else None
+        role = "" if pos is None else "default" if pos == 0 else f"fallback {pos}"
+        status = f"retired: {m.retired}" if m.retired else m.note or "your mirror"
+        rows.append({**m.to_dict(), "role": role, "order": None if pos is None else pos + 1,
+                     "order_set_by": source or "nothing yet (the first fetch picks the fastest)",
+                     "status": status})
+    return sorted(rows, key=lambda r: (r["order"] is None, r["order"] or 0))

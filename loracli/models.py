@@ -1,9 +1,9 @@
-"""Model names and where models live in the cache.
+"""Model names: aliases, `org/name[@revision]`, hub URLs, and where a named model sits in the cache.
 
 A model is named by an alias (`sd15`, `sdxl`, `tiny-sd`, `clip-vit-l-14`…), `org/name[@revision]`
 or a hub URL. `resolve` turns any of them into a `ModelRef`; `local_snapshot` finds its snapshot
-folder in `paths.cache_dir()`, which uses the Hugging Face hub cache layout
-(`models--org--name/blobs|snapshots|refs`) so diffusers, transformers and open_clip read it offline.
+folder in the cache (layout and name checks: `loracli.hubcache`; listing, verifying and removing
+cached models: `loracli.modelcache`). `install_tiny` builds the tiny model into the cache offline.
 This module never touches the network: `loracli.hub` is the only code that does.
 """
 
@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from loracli import paths, tiny
 from loracli.errors import LoraError
+from loracli.hubcache import blob_path, check_rel_path, commit_for, inside, model_lock, repo_folder
+from loracli.hubcache import link_into_snapshot, set_ref  # noqa: F401 (callers use models.X)
 
 # The diffusers folders training needs, in safetensors only: no single-file checkpoints, no
 # safety checker (1.2 GB nobody trains), no pickles.
@@ -93,6 +95,7 @@ TINY = {"tiny-sd": "sd1", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_REPO_DIR_RE = re.compile(r"^models--([\w.\-]+)--([\w.\-]+)$")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ def resolve(model: str) -> ModelRef:
         text, revision = text.rsplit("@", 1)
         if not revision:
             raise LoraError(f"{model}: empty revision after '@'", f"lora fetch {text}")
+    check_revision(revision, text)
     renamed = None
     if text in OLD_NAMES:
         renamed, text = text, OLD_NAMES[text]
@@ -148,6 +152,14 @@ def resolve(model: str) -> ModelRef:
     return ModelRef(text, revision, None, ("*",), False, endpoint)
 
 
+def check_revision(revision: str, model: str = "MODEL") -> str:
+    """A branch, tag or commit the user named: it becomes `refs/<revision>` in the cache."""
+    try:
+        return check_rel_path(revision, "revision")
+    except LoraError as e:
+        raise LoraError(e.message, f"lora fetch {model}   (a branch, tag or commit sha)") from None
+
+
 def _split_url(url: str) -> tuple[str, str]:
     """`https://hf-mirror.com/org/name/tree/rev` → (`https://hf-mirror.com`, `org/name@rev`)."""
     parts = urlsplit(url)
@@ -162,26 +174,28 @@ def _split_url(url: str) -> tuple[str, str]:
     return f"{parts.scheme}://{parts.netloc}", repo
 
 
-def complete_name(incomplete: str) -> list[str]:
-    return [a for a in ALIASES if a.startswith(incomplete)]
+def names() -> list[str]:
+    """Model aliases, then the models in the cache (alias where one fits, else org/name).
 
-
-# --- the cache layout ------------------------------------------------------------------------
-
-def repo_folder(repo_id: str, cache: Path | None = None) -> Path:
-    return Path(cache or paths.cache_dir()) / ("models--" + repo_id.replace("/", "--"))
-
-
-def commit_for(repo_id: str, revision: str, cache: Path | None = None) -> str | None:
-    """The commit a revision points at in the cache (a sha is its own answer), or None."""
-    if _SHA_RE.match(revision):
-        return revision
-    ref = repo_folder(repo_id, cache) / "refs" / revision
+    Cheap (a directory listing, no heavy import): for shell completion."""
+    found = list(ALIASES)
+    by_repo = {a.repo_id: name for name, a in ALIASES.items()}
     try:
-        sha = ref.read_text("utf-8").strip()
+        entries = sorted(os.listdir(paths.cache_dir()))
     except OSError:
-        return None
-    return sha if _SHA_RE.match(sha) else None
+        entries = []
+    for entry in entries:
+        m = _REPO_DIR_RE.match(entry)
+        if m:
+            repo_id = f"{m.group(1)}/{m.group(2)}"
+            name = by_repo.get(repo_id, repo_id)
+            if name not in found:
+                found.append(name)
+    return found
+
+
+def complete_name(incomplete: str) -> list[str]:
+    return [n for n in names() if n.startswith(incomplete)]
 
 
 def local_snapshot(model: str) -> Path:
@@ -200,54 +214,12 @@ def local_snapshot(model: str) -> Path:
     return snap
 
 
-def link_into_snapshot(repo_dir: Path, commit: str, rel_path: str, blob_name: str) -> Path:
-    """Point `snapshots/<commit>/<rel_path>` at `blobs/<blob_name>` (a relative symlink, as
-    huggingface_hub makes; a copy where symlinks are not allowed)."""
-    check_rel_path(rel_path)
-    target = repo_dir / "snapshots" / commit / rel_path
-    blob = repo_dir / "blobs" / blob_name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(blob, target.parent)
-    if target.is_symlink() and os.readlink(target) == rel:
-        return target
-    tmp = target.with_name(f".{target.name}.lnk")
-    if tmp.exists() or tmp.is_symlink():
-        tmp.unlink()
-    try:
-        os.symlink(rel, tmp)
-    except OSError:
-        shutil.copyfile(blob, tmp)
-    os.replace(tmp, target)
-    return target
-
-
-def set_ref(repo_dir: Path, revision: str, commit: str) -> None:
-    if _SHA_RE.match(revision):
-        return
-    from loracli import atomic
-
-    check_rel_path(revision)
-    atomic.write_text(repo_dir / "refs" / revision, commit)
-
-
-def check_rel_path(rel_path: str) -> str:
-    """Refuse a listed path that would leave the repository folder (`../`, absolute, drive)."""
-    p = rel_path.replace("\\", "/")
-    parts = p.split("/")
-    if (not p or p.startswith("/") or re.match(r"^[A-Za-z]:", p) or ".." in parts
-            or any(s in ("", ".") for s in parts)):
-        raise LoraError(f"refusing file path {rel_path!r}: it leaves the repository folder",
-                        "the mirror serves a bad file list; try another with --mirror")
-    return p
-
-
 def matches(path: str, include, exclude=()) -> bool:
     return (any(fnmatch.fnmatchcase(path, g) for g in include)
             and not any(fnmatch.fnmatchcase(path, g) for g in exclude))
 
 
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+# --- the tiny model, built into the cache with no network -----------------------------------
 
 
 def _tiny_snapshot(repo_id: str, repo_dir: Path, cache: Path, build_id: str) -> Path | None:
@@ -268,8 +240,6 @@ def install_tiny(name: str = "tiny-sd") -> Path:
     """
     if name not in TINY:
         raise LoraError(f"no tiny model named {name!r}", f"lora fetch {next(iter(TINY))}")
-    from filelock import FileLock
-
     repo_id = ALIASES[name].repo_id
     cache = paths.cache_dir()
     repo_dir = repo_folder(repo_id, cache)
@@ -280,13 +250,11 @@ def install_tiny(name: str = "tiny-sd") -> Path:
     current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
     if current:
         return current
-    lock_dir = cache / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / f"{repo_dir.name}.lora.lock")):
+    with model_lock(repo_dir):
         current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
         if current:
             return current
-        build = repo_dir / f".build-{os.getpid()}"
+        build = inside(cache, repo_dir / f".build-{os.getpid()}")
         shutil.rmtree(build, ignore_errors=True)
         if llm:
             tinyllm.build(build, TINY[name])
@@ -302,145 +270,10 @@ def install_tiny(name: str = "tiny-sd") -> Path:
                               .encode()).hexdigest()
         (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
         for rel, digest in digests.items():
-            blob = repo_dir / "blobs" / digest
+            blob = blob_path(repo_dir, digest)
             if not blob.exists():
                 os.replace(build / rel, blob)
             link_into_snapshot(repo_dir, commit, rel, digest)
         shutil.rmtree(build, ignore_errors=True)
         set_ref(repo_dir, "main", commit)
     return repo_dir / "snapshots" / commit
-
-
-# --- the cache: list, verify, remove ---------------------------------------------------------
-
-def verify_blob(path: Path, name: str, size: int | None = None) -> str | None:
-    """Re-hash a cached blob against its name (sha256, or the git oid of a small file); returns
-    a problem, or None when it is intact (or its name is no digest, so there is nothing to check)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    if size is not None and st.st_size != size:
-        return f"size {st.st_size}, expected {size}"
-    if len(name) == 64:
-        h = hashlib.sha256()
-    elif len(name) == 40:
-        h = hashlib.sha1(b"blob %d\0" % st.st_size)
-    else:
-        return None
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(8 << 20), b""):
-            h.update(chunk)
-    return None if h.hexdigest() == name else f"digest {h.hexdigest()[:12]}… does not match {name[:12]}…"
-
-
-def cached() -> list[dict]:
-    """Every model in the cache (huggingface_hub's scan), joined with what `lora fetch` tracked."""
-    from loracli import tracking
-
-    cache = paths.cache_dir()
-    tracked = tracking.load()
-    rows = []
-    if cache.is_dir():
-        from huggingface_hub import scan_cache_dir
-
-        for repo in sorted(scan_cache_dir(cache).repos, key=lambda r: r.repo_id):
-            if repo.repo_type != "model":
-                continue
-            recs = [r for r in tracked.values() if r["repo_id"] == repo.repo_id]
-            rec = recs[0] if recs else {}
-            refs = {ref: rev.commit_hash for rev in repo.revisions for ref in rev.refs}
-            commit = rec.get("commit") or refs.get("main") or next(iter(refs.values()), "")
-            rows.append({
-                "model": rec.get("name") or repo.repo_id, "repo_id": repo.repo_id,
-                "commit": commit, "revisions": len(repo.revisions),
-                "files": next((len(rev.files) for rev in repo.revisions if rev.commit_hash == commit),
-                              repo.nb_files),
-                "size": repo.size_on_disk, "last_sync": rec.get("last_sync") or rec.get("fetched_at", ""),
-                "tracked": bool(rec), "path": str(repo.repo_path),
-            })
-    return rows
-
-
-def verify(model: str | None = None, repair: bool = True) -> list[dict]:
-    """Re-hash the snapshot files of one model (or all); a corrupt blob is deleted when `repair`,
-    so the next `lora fetch` downloads it again. One dict per model: files, bad [{path, problem}]."""
-    from loracli import tracking
-
-    cache = paths.cache_dir()
-    if model:
-        ref = resolve(model)
-        targets = [(ref.name, ref.repo_id, commit_for(ref.repo_id, ref.revision, cache))]
-        if targets[0][2] is None:
-            raise LoraError(f"{model} is not in the model cache ({cache})", f"lora fetch {model}")
-    else:
-        targets = [(r["model"], r["repo_id"], r["commit"]) for r in cached()]
-    tracked = {(r["repo_id"], r["commit"]): r for r in tracking.load().values()}
-    reports = []
-    for name, repo_id, commit in targets:
-        snap = repo_folder(repo_id, cache) / "snapshots" / commit
-        rec = tracked.get((repo_id, commit), {})
-        expected = rec.get("files") or {}
-        paths_ = sorted(set(expected) | {p.relative_to(snap).as_posix() for p in snap.rglob("*")
-                                         if p.is_file() or p.is_symlink()})
-        bad = []
-        for rel in paths_:
-            p = snap / rel
-            meta = expected.get(rel, {})
-            blob = Path(os.path.realpath(p))
-            name_ = meta.get("blob") or blob.name
-            problem = verify_blob(blob, name_, meta.get("size"))
-            if problem:
-                bad.append({"path": rel, "problem": problem})
-                if repair and blob.is_file() and blob.parent.name == "blobs":
-                    blob.unlink()
-        reports.append({"model": name, "repo_id": repo_id, "commit": commit, "files": len(paths_),
-                        "bad": bad, "ok": not bad})
-    return reports
-
-
-def remove(model: str) -> dict:
-    """Delete a model's folder from the cache (all its revisions) and forget its records."""
-    from filelock import FileLock
-
-    from loracli import tracking
-
-    ref = resolve(model)
-    cache = paths.cache_dir()
-    repo_dir = repo_folder(ref.repo_id, cache)
-    if not repo_dir.exists():
-        raise LoraError(f"{model} is not in the model cache ({cache})", "lora cache list")
-    size = sum(p.stat().st_size for p in (repo_dir / "blobs").glob("*") if p.is_file())
-    (cache / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / ".locks" / f"{repo_dir.name}.lora.lock")):
-        trash = repo_dir.with_name(f".{repo_dir.name}.removing-{os.getpid()}")
-        os.replace(repo_dir, trash)  # atomic: readers see all of it or none
-        shutil.rmtree(trash)
-    tracking.remove(ref.repo_id)
-    return {"model": ref.name, "repo_id": ref.repo_id, "path": str(repo_dir), "freed": size}
-
-
-def prune(repo_id: str) -> int:
-    """Delete snapshots no ref points at, and blobs no remaining snapshot uses; bytes freed.
-
-    For `lora mirror sync --prune`: a model that changed upstream keeps only its current commit.
-    """
-    from filelock import FileLock
-
-    cache = paths.cache_dir()
-    repo_dir = repo_folder(repo_id, cache)
-    if not repo_dir.is_dir():
-        return 0
-    freed = 0
-    (cache / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / ".locks" / f"{repo_dir.name}.lora.lock")):
-        live = {p.read_text("utf-8").strip() for p in (repo_dir / "refs").rglob("*") if p.is_file()}
-        for snap in (repo_dir / "snapshots").iterdir():
-            if snap.name not in live:
-                shutil.rmtree(snap)
-        used = {os.path.realpath(p) for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink()}
-        for blob in (repo_dir / "blobs").iterdir():
-            if str(blob.resolve()) not in used and not blob.name.endswith(".incomplete"):
-                freed += blob.stat().st_size
-                blob.unlink()
-    return freed

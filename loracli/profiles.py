@@ -117,7 +117,18 @@ class TrainSection:
     seed: int = _f(42, "random seed; the same seed and data give the same LoRA", min=0, max=2**32 - 1)
     save_steps: int = _f(100, "write a checkpoint every N steps", min=1, max=10_000_000)
     keep_checkpoints: int = _f(3, "newest checkpoints kept on disk", min=1, max=1000)
-    processes: int = _f(1, "training processes (GPUs) launched through accelerate", min=1, max=64)
+    processes: int = _f(1, "training processes (GPUs) launched through accelerate; on several "
+                           "machines, per machine", min=1, max=64)
+    num_machines: int = _f(1, "machines training together, each running the same command "
+                              "(accelerate's num_machines)", min=1, max=1024)
+    machine_rank: int = _f(0, "this machine's rank, 0 to num_machines - 1; machine 0 writes the "
+                              "run", min=0, max=1023)
+    main_process_ip: str = _f("", "address of machine 0, reachable from every machine "
+                                  "(several machines)")
+    main_process_port: int = _f(0, "port on machine 0 where the machines meet; 0 means a free "
+                                   "port on one machine, 29500 on several", min=0, max=65535)
+    accelerate_config: str = _f("", "an accelerate config file; empty means accelerate's default "
+                                    "one, when it exists (its values fill keys left at default)")
     output_dir: str = _f("./output/{profile}", "run folder; {profile} is the profile's name")
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from loracli import atomic, models, paths, tracking
+from loracli import atomic, hubcache, modelcache, paths, tracking
 from loracli.errors import BusyError, LoraError
 from loracli.runs import sha256_file
 
@@ -112,7 +112,7 @@ def sync(names: list[str] | None = None, *, mirror: str | None = None, wait: boo
                     _stamp(entry, "last_ended", now)
                     tracking.update(key, last_sync=entry["last_update"])
                     if prune and entry["changed"]:
-                        entry["pruned"] = models.prune(record["repo_id"])
+                        entry["pruned"] = modelcache.prune(record["repo_id"])
                     if publish is not None:
                         publish_model(Path(publish), tracking.load()[key])
                     break
@@ -152,18 +152,18 @@ def _place(src: Path, dest: Path) -> None:
 
 def publish_model(dest: Path, record: dict) -> dict:
     """Write one tracked model into a files-kind tree; the manifest goes last."""
-    repo_root = dest / record["repo_id"]
-    snap = models.repo_folder(record["repo_id"]) / "snapshots" / record["commit"]
+    repo_dir = hubcache.repo_folder(record["repo_id"])
+    repo_root = hubcache.inside(dest, dest / record["repo_id"])
+    snap = hubcache.snapshot_dir(repo_dir, record["commit"])
     manifest_path = repo_root / "lora-manifest.json"
     try:
         old = {f["path"]: f for f in json.loads(manifest_path.read_text("utf-8"))["files"]}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         old = {}
     files = []
     for rel, meta in sorted(record["files"].items()):
-        models.check_rel_path(rel)
-        src = Path(os.path.realpath(snap / rel))
-        out = repo_root / rel
+        src = hubcache.inside(repo_dir.parent, Path(os.path.realpath(snap / hubcache.check_rel_path(rel))))
+        out = hubcache.inside(repo_root, repo_root / rel)
         sha256 = meta.get("sha256") or sha256_file(src)
         prior = old.get(rel)
         if not (prior and prior.get("sha256") == sha256 and out.is_file()
@@ -174,8 +174,11 @@ def publish_model(dest: Path, record: dict) -> dict:
     manifest = {"repo_id": record["repo_id"], "revision": record["revision"],
                 "commit": record["commit"], "files": files}
     atomic.write_json(manifest_path, manifest)
-    for rel in set(old) - {f["path"] for f in files}:
-        (repo_root / rel).unlink(missing_ok=True)
+    for rel in set(old) - {f["path"] for f in files}:  # the old manifest is outside input too
+        try:
+            hubcache.inside(repo_root, repo_root / hubcache.check_rel_path(rel)).unlink(missing_ok=True)
+        except LoraError:
+            continue
     return manifest
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loracli import __version__, atomic, checkpoints, profiles, runs
+from loracli import __version__, atomic, checkpoints, profiles, provenance, runs
 from loracli import dataset as ds
 from loracli.denoiser import Model, evaluate, render_samples, seed_from  # noqa: F401 (API)
 from loracli.errors import LoraError
@@ -308,6 +308,8 @@ def run(run_dir: Path, on_step: Callable[[dict], None] | None = None,
     model = Model(run_dir, profile, accelerator.device, weight_dtype)
     data = ds.plan(examples, d.resolution, model.bucket_step(d.bucket_step, warn), d.bucketing,
                    d.repeats, warn)
+    if main:
+        provenance.record_dataset(run_dir, data)  # folders and buckets, for export's metadata
     with accelerator.main_process_first():
         batches = Batches(data, profile, model, run_dir / "cache", accelerator.process_index,
                           accelerator.num_processes, warn)

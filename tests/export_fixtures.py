@@ -45,7 +45,7 @@ def lora_config(rank, alpha, targets, rslora=False, **extra):
 def make_run(run_dir: Path, base: Path, family: str, *, rank: int = 4, alpha: float = 8.0,
              rslora: bool = False, text_encoder: bool = True, step: int = 5, seed: int = 0,
              unet_targets=UNET_TARGETS, trigger: str = "sks style", extra_unet: dict | None = None,
-             profile_name: str = "anime") -> Path:
+             profile_name: str = "anime", text_targets=TEXT_TARGETS) -> Path:
     """Write run.json, profile.toml, dataset.json and checkpoints/step-NNNNNN/ with COMPLETE."""
     import torch
     from peft import get_peft_model_state_dict, inject_adapter_in_model
@@ -60,7 +60,10 @@ def make_run(run_dir: Path, base: Path, family: str, *, rank: int = 4, alpha: fl
     files = {}
     for component in components:
         model = load_component(base, component)
-        targets = unet_targets if component == "unet" else TEXT_TARGETS
+        targets = unet_targets if component == "unet" else text_targets
+        if targets == "all":  # every Linear and Conv2d, by full name
+            targets = [n for n, m in model.named_modules()
+                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         config = lora_config(rank, alpha, targets, rslora,
                              **((extra_unet or {}) if component == "unet" else {}))
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
@@ -86,7 +89,9 @@ def make_run(run_dir: Path, base: Path, family: str, *, rank: int = 4, alpha: fl
         "model": {"base": str(base), "family": family},
         "data": {"dir": str(run_dir / "data"), "resolution": 64, "trigger": trigger},
         "lora": {"rank": rank, "alpha": float(alpha), "rslora": rslora,
-                 "train_text_encoder": text_encoder, "targets": list(unet_targets),
+                 "train_text_encoder": text_encoder,
+                 "targets": ["all"] if unet_targets == "all" else list(unet_targets),
+                 "text_encoder_targets": ["all"] if text_targets == "all" else list(text_targets),
                  "dropout": 0.0},
         "train": {"max_steps": step, "learning_rate": 1e-4, "save_steps": step,
                   "output_dir": str(run_dir)},

@@ -39,7 +39,7 @@ def make_repo(folder: Path, weights: int = 200_000, seed: int = 0) -> Path:
 def online(monkeypatch):
     """The hub code may talk to 127.0.0.1; no fallback to the real internet mirrors."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    settings.save({"fallbacks": []})
+    settings.save({"mirror_order": []})
 
 
 @pytest.fixture

@@ -23,7 +23,16 @@ the first `times` matching requests (0: always):
 - `drop`: close the connection after `after` body bytes;   - `status`: answer `status` (500…);
 - `corrupt`: flip a byte of the body (the sha256 no longer matches);
 - `stall`: send `after` bytes, then go silent for `seconds`; - `escape`: list an extra file
-  `../../escape.txt` in the tree (a path that leaves the repository folder).
+  `../../escape.txt` in the tree (a path that leaves the repository folder);
+- `trickle`: send one byte every `seconds`, for at most `after` seconds, then hang up.
+Hostile hubs (tests of what a mirror must never make lora do):
+- `commit`: answer `value` as the commit sha (and serve the tree and files for any path);
+- `oid`: list `value` as the LFS oid (or git oid) of the files matching `path`;
+- `name`: list an extra file named `value`;
+- `echo`: answer API and file requests with `status`, echoing the Authorization header in
+  `X-Error-Code`, `X-Error-Message` and the body;
+- `link`: send the file list's next page as `value` (a URL, perhaps on another server).
+`api_delay` (seconds) makes every API answer late (a slow mirror).
 """
 
 from __future__ import annotations
@@ -41,14 +50,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from hubfaults import HostileHub
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5")
 CHUNK = 1 << 16
 
 
 @dataclass
 class Fault:
-    kind: str  # drop | status | corrupt | stall | escape
+    kind: str  # drop | status | corrupt | stall | escape | trickle | commit | oid | name | echo
     path: str = "*"
+    value: str = ""
     times: int = 1
     after: int = 0
     status: int = 500
@@ -135,7 +147,7 @@ def manifest(repo_id: str, folder: Path) -> dict:
     return {"repo_id": repo_id, "revision": "main", "commit": commit, "files": files}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(HostileHub, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_Server"
 
@@ -187,7 +199,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._static(path)
         if srv.layout == "files":
             return self._files(path)
+        if self._echo():
+            return
         m = re.match(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(?:/(.*))?$", path)
+        if m and srv.api_delay:
+            time.sleep(srv.api_delay)
         if m:
             if not self._authorized():
                 return
@@ -205,7 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
             if "recursive=true" not in query.lower() and "recursive=1" not in query:
                 base = (sub.rstrip("/") + "/") if sub else ""
                 entries = [e for e in entries if "/" not in e["path"][len(base):]]
-            return self._send_json(entries)
+            link = self._fault("link")
+            return self._send_json(entries, headers={"Link": f'<{link.value}>; rel="next"'} if link else None)
         m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         if m:
             if not self._authorized():
@@ -224,6 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
                 headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(entry["size"])})
             source = folder / rel if not rel.startswith("../") else srv.escape_file
             return self._file(rel, source, headers)
+        if self._hostile(path):
+            return
         self._error(404, "RepoNotFound", "no such endpoint")
 
     def _repo(self, repo: str, rev: str):
@@ -232,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RepoNotFound", f"{repo} not found")
             return None
         commit, entries = repo_listing(folder)
+        entries = self._lie(entries)
+        if self._fault("commit"):
+            commit = self._fault("commit").value
         if rev not in ("main", commit):
             self._error(404, "RevisionNotFound", f"revision {rev} not found")
             return None
@@ -285,7 +307,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.end_headers()
                     return self._record(status=416, sent=0, file=rel)
                 status = 206
-        fault = next((f for f in self.server.faults if f.kind in ("drop", "status", "corrupt", "stall")
+        fault = next((f for f in self.server.faults if f.kind in ("drop", "status", "corrupt", "stall",
+                                                                  "trickle")
                       and self.command == "GET" and f.take(rel)), None)
         if fault and fault.kind == "status":
             return self._error(fault.status, "ServerError", "injected failure", file=rel)
@@ -310,6 +333,10 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     chunk = f.read(min(CHUNK, length - sent))
                     if not chunk:
+                        break
+                    if fault and fault.kind == "trickle":
+                        sent += self._trickle(chunk, fault)
+                        self.close_connection = True
                         break
                     if fault and fault.kind in ("drop", "stall") and sent + len(chunk) > fault.after:
                         chunk = chunk[: max(0, fault.after - sent)]
@@ -348,7 +375,7 @@ class _Server(ThreadingHTTPServer):
 @contextmanager
 def serve(repos: dict | None = None, faults: list | None = None, *, layout: str = "hub",
           manifest: bool = True, token: str | None = None, static: Path | None = None,
-          delay: float = 0.0, ranges: bool = True):
+          delay: float = 0.0, ranges: bool = True, api_delay: float = 0.0):
     """Serve `{"org/name": folder}` on 127.0.0.1:<free port>; yields the base URL (a `Hub` str).
 
     `delay` sleeps that many seconds after each 64 KiB chunk (to kill a download half-way);
@@ -362,6 +389,7 @@ def serve(repos: dict | None = None, faults: list | None = None, *, layout: str 
     server.token = token
     server.static = Path(static) if static is not None else None
     server.delay = delay
+    server.api_delay = api_delay
     server.ranges = ranges
     server.log = []
     server.closing = False

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from loracli import convert
+from loracli import convert, inspection
 
 SDXL_UNET = {"layers_per_block": 2,
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
@@ -129,22 +130,22 @@ def test_peft_to_diffusers_prefixes_tensors_and_packs_the_adapter_config():
     (["model.diffusion_model.x.weight"], "unknown"),
 ])
 def test_detect_format(keys, fmt):
-    assert convert.detect_format(keys) == fmt
+    assert inspection.detect_format(keys) == fmt
 
 
 def test_kohya_keys_are_checked_against_the_base_modules():
-    from loracli import export
+    from loracli import basecheck
     from loracli.errors import LoraError
 
     found = {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)},
              "text_encoder": {"encoder.layers.0.self_attn.q_proj": (32, 32)}}
     good = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha",
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]
-    export.check_kohya_keys(dict.fromkeys(good), found, "sd1", {})
+    basecheck.check_kohya_keys(dict.fromkeys(good), found, "sd1", {})
     # Trap 1: without `text_model_` A1111 and ComfyUI drop the text-encoder LoRA silently.
     bad = good + ["lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight"]
     with pytest.raises(LoraError, match="nothing was written") as e:
-        export.check_kohya_keys(dict.fromkeys(bad), found, "sd1", {})
+        basecheck.check_kohya_keys(dict.fromkeys(bad), found, "sd1", {})
     assert e.value.details == ["lora_te_encoder_layers_0_self_attn_q_proj: names no module of the base model"]
 
 
@@ -177,3 +178,31 @@ def test_a_kohya_file_must_end_in_safetensors(tmp_path):
     with pytest.raises(LoraError, match="must end in .safetensors") as e:
         export.output_path(tmp_path / "anime.ckpt", Path("run"), "anime", "kohya")
     assert e.value.hint == f"-o {tmp_path / 'anime.safetensors'}"
+
+
+def test_sshs_hashes_follow_sd_scripts_on_a_file_over_one_mib():
+    """sshs_legacy_hash: sha256 of the 64 KiB at 1 MiB of the file saved with its ss_* keys only,
+    8 hex digits (sd-scripts precalculate_safetensors_hashes / addnet_hash_legacy); it does not
+    change when other header keys do. sshs_model_hash: sha256 of everything after the header."""
+    import hashlib
+    import io
+
+    import torch
+    from safetensors.torch import save
+
+    from loracli.metadata import serialize
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(600_000, dtype=torch.float32).reshape(1000, 600)}
+    header = {"ss_output_name": "x", "ss_network_dim": "4", "modelspec.title": "x"}
+    data = serialize(tensors, header)
+    b = io.BytesIO(save(tensors, {"ss_output_name": "x", "ss_network_dim": "4"}))
+    b.seek(0x100000)
+    legacy = hashlib.sha256(b.read(0x10000)).hexdigest()[:8]
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    assert len(data) > 0x110000
+    assert meta["sshs_legacy_hash"] == legacy != hashlib.sha256(b"").hexdigest()[:8]
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    other = serialize(tensors, {**header, "modelspec.title": "renamed"})
+    m = int.from_bytes(other[:8], "little")
+    assert json.loads(other[8:8 + m])["__metadata__"]["sshs_legacy_hash"] == legacy

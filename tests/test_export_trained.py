@@ -3,6 +3,8 @@ loads with exactly the trained effect."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from export_fixtures import encoders, load_component, outputs, pipeline_outputs, reference_models
 
@@ -16,7 +18,7 @@ base = "{base}"
 [data]
 dir = "{data}"
 resolution = 64
-bucketing = false
+bucketing = true
 trigger = "sks"
 [lora]
 rank = 4
@@ -64,3 +66,35 @@ def test_a_really_trained_run_exports_its_exact_effect(tmp_path, tiny_sd, cli):
     for component in want:
         assert (want[component] - untrained[component]).abs().max().item() > 1e-2, component
         assert (got[component] - want[component]).abs().max().item() <= 1e-6, component
+
+    _check_metadata(Path(path), tmp_path, data)
+
+
+def _check_metadata(path, tmp_path, data):
+    """What sd-scripts would write for this run (3 images, batch 1, 2 steps: epoch 1 of 1)."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_epoch"], meta["ss_num_epochs"], meta["ss_steps"]) == ("1", "1", "2")
+    assert meta["ss_num_batches_per_epoch"] == "3" and meta["ss_total_batch_size"] == "1"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 3}}
+    assert meta["ss_num_train_images"] == "3"
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [64, 64], "count": 3}},
+                                                  "mean_img_ar_error": 0.0}
+    assert json.loads(meta["ss_tag_frequency"]) == {"data": {"sks": 3, "a red lighthouse": 3}}
+    assert meta["ss_session_id"].isdigit()
+    assert float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
+    assert meta["ss_sd_model_name"] == Path(meta["loracli.base_model"]).name
+    # sd-scripts' precalculate_safetensors_hashes: the file saved with its ss_* keys only
+    tensors = load_file(str(path))
+    ss_only = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+    raw = Path(path).read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+    local = [v for v in meta.values() if str(tmp_path) in v or str(data) in v]
+    assert not local

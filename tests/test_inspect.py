@@ -126,3 +126,33 @@ def test_inspect_refuses_what_is_not_a_lora(tiny_sd, tmp_path, cli):
     assert broken.exit_code == 1 and "not a readable safetensors file" in broken.stderr
     pickle = cli("inspect", tmp_path / "x.ckpt")
     assert pickle.exit_code == 1 and "no such file" in pickle.stderr
+
+
+def test_inspect_reports_what_each_loader_applies(run, tmp_path, cli):
+    """The same per-loader report as at export time, for our file and for a hand-made SD2 file
+    whose text-encoder attention has only q/v (A1111 drops it; diffusers refuses the file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    result = exporting.export(run, output=tmp_path / "a.safetensors")
+    assert inspection.inspect_lora(result.path)["compatibility"] == result.compat
+
+    tensors = {}
+    for stem in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                 "lora_te_text_model_encoder_layers_0_self_attn_v_proj",
+                 "lora_te_text_model_encoder_layers_0_mlp_fc1",
+                 "lora_unet_conv_in"):
+        tensors[f"{stem}.lora_down.weight"] = torch.zeros(2, 8)
+        tensors[f"{stem}.lora_up.weight"] = torch.zeros(8, 2)
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, str(tmp_path / "sd2.safetensors"), {"ss_base_model_version": "sd_v2"})
+    rows = {r["loader"]: r for r in inspection.inspect_lora(tmp_path / "sd2.safetensors")["compatibility"]}
+    assert rows["a1111"]["ignored"] == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                                        "lora_te_text_model_encoder_layers_0_self_attn_v_proj"]
+    assert rows["sd-scripts"]["ignored"] == ["lora_unet_conv_in"]
+    assert rows["comfyui"]["ignored"] == [] and rows["diffusers"]["error"] is None  # mlp_fc1 is there
+    human = cli("inspect", tmp_path / "sd2.safetensors")
+    assert human.exit_code == 0
+    assert "AUTOMATIC1111\t2 of 4 modules applied" in human.stdout
+    assert "warning: AUTOMATIC1111 ignores 2 of 4 modules" in human.stderr
+    assert "self_attn_q_proj" in human.stderr

@@ -16,18 +16,28 @@ from loracli import hub, mirrors, models, paths, settings, sync
 def test_mirror_list_add_use_remove(cli, monkeypatch):
     rows = json.loads(cli("mirror", "list", "--json").stdout)
     by_name = {r["name"]: r for r in rows}
-    assert by_name["hf"]["role"] == "default" and by_name["hf-mirror"]["role"] == "fallback 1"
+    assert by_name["hf-mirror"]["role"] == "default" and by_name["hf"]["role"] == "fallback 1"  # README
+    assert rows[0]["order_set_by"].startswith("nothing yet")
     assert by_name["tuna"]["kind"] == "files" and "2021" in by_name["tuna"]["status"]
     assert cli("mirror", "add", "corp", "https://hf.corp.example/", "--kind", "hub").exit_code == 0
     assert mirrors.get("corp").url == "https://hf.corp.example"
-    assert cli("mirror", "use", "corp").exit_code == 0
-    assert mirrors.chain()[0].name == "corp"
-    assert [m.name for m in mirrors.chain()] == ["corp", "hf-mirror", "hf"]
+    r = cli("mirror", "use", "corp", "hf")
+    assert r.exit_code == 0, r.stderr
+    assert [m.name for m in mirrors.chain()] == ["corp", "hf"]
+    assert [m.name for m in mirrors.chain("hf-mirror")] == ["hf-mirror", "corp", "hf"]
     assert [m.name for m in mirrors.chain(strict=True)] == ["corp"]
-    monkeypatch.setenv("LORA_MIRROR", "https://other.example")
+    listed = json.loads(cli("mirror", "list", "--json").stdout)
+    assert [(x["name"], x["role"]) for x in listed[:3]] == [("corp", "default"), ("hf", "fallback 1"),
+                                                            ("hf-mirror", "")]
+    assert listed[0]["order_set_by"] == "lora mirror use"
+    assert "order set by: lora mirror use" in cli("mirror", "list").stderr
+    monkeypatch.setenv("LORA_MIRROR", "https://other.example,hf-mirror")
     assert mirrors.chain()[0].url == "https://other.example" and mirrors.chain()[0].kind == "auto"
+    assert [m.name for m in mirrors.chain()][1:] == ["hf-mirror"]
+    assert json.loads(cli("mirror", "list", "--json").stdout)[0]["order_set_by"] == "LORA_MIRROR"
+    monkeypatch.delenv("LORA_MIRROR")
     assert cli("mirror", "remove", "corp").exit_code == 0
-    assert "default_mirror" not in settings.load()
+    assert settings.load()["mirror_order"] == ["hf"]
     bad = cli("mirror", "add", "hf", "https://x.example")
     assert bad.exit_code == 1 and "built-in" in bad.stderr and "hint: lora mirror add my-hf" in bad.stderr
     assert cli("mirror", "add", "x", "ftp://x", "--kind", "hub").exit_code == 1
@@ -35,6 +45,13 @@ def test_mirror_list_add_use_remove(cli, monkeypatch):
     unknown = cli("fetch", "sd15", "--mirror", "nowhere")
     assert unknown.exit_code == 1 and "hint: lora mirror add nowhere" in unknown.stderr
     assert cli("mirror", "use", "tuna").exit_code == 1
+    assert cli("mirror", "use", "hf", "nowhere").exit_code == 1
+    assert settings.load()["mirror_order"] == ["hf"]  # a failed `use` changes nothing
+
+
+def test_an_old_config_keeps_its_default_and_fallbacks():
+    settings.save({"default_mirror": "hf", "fallbacks": ["hf-mirror"]})
+    assert mirrors.order() == (["hf", "hf-mirror"], "lora mirror use")
 
 
 def test_mirror_test_reports_reachability_and_the_known_file(cli, online, repo):
@@ -45,11 +62,11 @@ def test_mirror_test_reports_reachability_and_the_known_file(cli, online, repo):
                 "--timeout", "2", "--json")
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [(x["reachable"], x["serves_file"]) for x in rows] == [(True, True), (True, True),
-                                                                 (True, False), (False, False)]
+    assert [(x["reachable"], x["serves_file"], x["state"]) for x in rows] == [
+        (True, True, "ok"), (True, True, "ok"), (True, False, "http"), (False, False, "refused")]
     assert rows[0]["kind"] == "hub" and rows[1]["kind"] == "files"
     assert rows[0]["latency_ms"] > 0 and "RepoNotFound" in rows[2]["error"]
-    assert rows[3]["error"] == "connection refused"
+    assert rows[3]["error"].startswith("connection refused by 127.0.0.1:9")
 
 
 def test_sync_unchanged_transfers_nothing_and_changed_transfers_one_file(cli, online, repo):
@@ -133,7 +150,7 @@ def test_two_sync_processes_one_runs_one_is_refused(online, repo, tmp_path):
     with serve({"org/tiny": repo}) as url:
         assert hub.fetch("org/tiny", mirror=url, strict=True)["downloaded"] > 0
         (repo / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 1_000_000)
-        url.server.delay = 0.05  # 16 chunks of 64 KiB: the first sync holds the lock ~1 s
+        url.server.delay = 0.15  # 16 chunks of 64 KiB: the first sync holds the lock ~2.5 s
         mark = len(url.log)
         first = lora_proc("mirror", "sync", "--mirror", url, "--strict")
         deadline = time.monotonic() + 20
@@ -173,3 +190,21 @@ def test_publish_tree_serves_a_files_kind_fetch_that_diffusers_loads(cli, online
 
     pipe = StableDiffusionPipeline.from_pretrained(models.local_snapshot("org/pipe"), local_files_only=True)
     assert pipe.text_encoder.config.hidden_size == 32
+
+
+def test_names_for_completion_are_cheap(isolated):
+    import subprocess
+    import sys
+
+    settings.save({"mirrors": {"corp": {"url": "https://hf.corp.example"}}})
+    (isolated["cache"] / "models--someorg--thing" / "snapshots").mkdir(parents=True)
+    code = ("import sys\nfrom loracli import mirrors, models\n"
+            "print(' '.join(models.names())); print(' '.join(mirrors.names()))\n"
+            "print(','.join(m for m in ('torch', 'diffusers', 'huggingface_hub', 'urllib3', 'filelock')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    aliases, names, heavy = out.stdout.split("\n")[:3]
+    assert aliases.split() == ["sd15", "sd21", "sd21-base", "sdxl", "clip-vit-l-14", "tiny-sd",
+                               "someorg/thing"]
+    assert names.split() == ["hf", "hf-mirror", "tuna", "corp"]
+    assert heavy == ""

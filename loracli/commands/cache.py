@@ -2,44 +2,57 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
 
 from loracli import output
+from loracli.hubview import human_size
+
+
+def _model_names(incomplete: str) -> list[str]:
+    from loracli import models
+
+    return models.complete_name(incomplete)
+
 
 app = typer.Typer(help="The model cache: list, verify (re-hash), rm.", no_args_is_help=True)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+ModelArg = typer.Argument(..., help="Alias or org/name.", autocompletion=_model_names)
 
 
 @app.command("list")
 def list_(json: bool = JsonOpt) -> None:
-    """Models in the cache: size, commit, last sync."""
-    from loracli import models
-    from loracli.commands.fetch import _size
+    """Models in the cache: size, commit, last sync, and missing files (damaged)."""
+    from loracli import modelcache
 
-    rows = models.cached()
+    rows = modelcache.cached()
     if not rows and not json:
         output.note("the model cache is empty; try `lora fetch sd15`")
     output.emit(rows, json, lambda rs: output.table(
-        [{**r, "commit": r["commit"][:7], "size": _size(r["size"])} for r in rs],
-        ["model", "commit", "size", "files", "last_sync"]))
+        [{**r, "commit": r["commit"][:7], "size": human_size(r["size"]),
+          "missing": r["missing"] or ""} for r in rs],
+        ["model", "commit", "size", "files", "missing", "last_sync"]))
 
 
 @app.command()
 def verify(
-    model: Optional[str] = typer.Argument(None, help="One model (default: every cached model)."),
+    model: Optional[str] = typer.Argument(None, help="One model (default: every cached model).",
+                                          autocompletion=_model_names),
     json: bool = JsonOpt,
 ) -> None:
-    """Re-hash cached files; corrupt ones are deleted so `lora fetch` gets them again (exit 1)."""
-    from loracli import models
+    """Re-hash cached files; corrupt ones are deleted so `lora fetch` gets them again. A damaged
+    model is reported (exit 1) until it is fetched again."""
+    from loracli import modelcache
 
-    reports = models.verify(model)
-    output.emit(reports, json, _render)
-    if not all(r["ok"] for r in reports):
-        bad = [r["model"] for r in reports if not r["ok"]]
-        output.note(f"hint: lora fetch {bad[0]}")
-        raise typer.Exit(1)
+    reports = modelcache.verify(model)
+    if not json:
+        _render(reports)
+    problem = modelcache.damage(reports)
+    if problem:
+        raise problem
+    output.emit(reports, json, lambda r: None)
 
 
 def _render(reports: list[dict]) -> None:
@@ -47,15 +60,36 @@ def _render(reports: list[dict]) -> None:
         state = "ok" if r["ok"] else f"{len(r['bad'])} bad"
         print(f"{r['model']}\t{r['commit'][:7]}\t{r['files']} files\t{state}")
         for b in r["bad"]:
-            print(f"  {b['path']}: {b['problem']} (deleted)")
+            print(f"  {b['path']}: {b['problem']}")
 
 
 @app.command()
-def rm(model: str = typer.Argument(..., help="Alias or org/name."), json: bool = JsonOpt) -> None:
-    """Remove a model from the cache (every revision) and stop tracking it."""
-    from loracli import models
-    from loracli.commands.fetch import _size
+def rm(
+    model: str = ModelArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (for scripts)."),
+    json: bool = JsonOpt,
+) -> None:
+    """Remove a model from the cache (every revision) and stop tracking it. Asks first on a
+    terminal; scripts pass --yes."""
+    from loracli import modelcache
+    from loracli.errors import LoraError
 
-    result = models.remove(model)
-    output.note(f"removed {result['repo_id']} ({_size(result['freed'])} freed)")
+    plan = modelcache.remove(model, dry_run=True)
+    what = f"{plan['repo_id']} ({len(plan['revisions'])} revision(s), {human_size(plan['freed'])})"
+    if dry_run:
+        output.note(f"would remove {what}: {plan['path']}")
+        return output.emit(plan, json, lambda r: None)
+    if not yes:
+        if not _interactive():
+            raise LoraError(f"not removing {what} without confirmation",
+                            f"lora cache rm {model} --yes")
+        if not typer.confirm(f"remove {what}?", default=False, err=True):
+            raise LoraError(f"{plan['repo_id']} kept", f"lora cache rm {model} --yes")
+    result = modelcache.remove(model)
+    output.note(f"removed {result['repo_id']} ({human_size(result['freed'])} freed)")
     output.emit(result, json, lambda r: None)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and output.is_terminal()

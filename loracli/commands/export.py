@@ -36,18 +36,27 @@ def export(
     name: Optional[str] = typer.Option(None, "--name", help="The NAME in <lora:NAME:0.8> (default: the profile's)."),
     weight: float = typer.Option(1.0, "--weight", help="Strength fused in by --format merged."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export."),
+    keep_paths: bool = typer.Option(False, "--keep-paths",
+                                    help="Keep local paths (base model, data folder) in the "
+                                         "metadata; by default only base names and hub ids."),
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Export a trained LoRA (default: kohya .safetensors, the WebUI layout, fp16)."""
+    from loracli import compat
     from loracli import export as exporting
 
     result = exporting.export(run, format=format.value, step=step, dtype=dtype.value, output=out,
-                              name=name, force=force, weight=weight)
+                              name=name, force=force, weight=weight, keep_paths=keep_paths)
     if result.already:
         output.note(f"already exported (identical file): {result.path}")
     else:
         output.note(f"exported step {result.step} as {result.format} ({result.dtype}): "
-                    + ", ".join(f"{n} {c} modules" for c, n in result.modules.items()))
+                    + ", ".join(f"{n} {c} modules" for c, n in result.modules.items())
+                    + (f" + {result.zero_modules} zero-effect" if result.zero_modules else ""))
+    for line in compat.summary(result.compat):
+        output.note(f"  {line}")
+    for line in result.warnings:
+        output.warn(line)
     output.emit(result.to_dict(), json, _render)
 
 

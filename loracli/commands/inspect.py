@@ -14,9 +14,13 @@ def inspect(
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show what a LoRA file holds: format, rank, alpha, base model, modules, metadata."""
-    from loracli import inspection
+    from loracli import compat, inspection
 
-    output.emit(inspection.inspect_lora(file), json, _render)
+    report = inspection.inspect_lora(file)
+    output.emit(report, json, _render)
+    if not json:
+        for line in compat.warnings(report["compatibility"]):
+            output.warn(line)
 
 
 def _render(report: dict) -> None:
@@ -44,4 +48,7 @@ def _render(report: dict) -> None:
                 tags[tag] = tags.get(tag, 0) + n
         top = sorted(tags.items(), key=lambda t: -t[1])[:10]
         rows.append(("top tags", ", ".join(f"{t} ({n})" for t, n in top)))
+    for row in report["compatibility"]:
+        rows.append((row["label"], f"{row['applied']} of {row['total']} modules applied"
+                     + (" (will not load)" if row["error"] else "")))
     output.table([{"field": k, "value": v} for k, v in rows], ["field", "value"])

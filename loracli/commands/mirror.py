@@ -17,10 +17,7 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.
 def _complete(incomplete: str) -> list[str]:
     from loracli import mirrors
 
-    try:
-        return [n for n in mirrors.all_mirrors() if n.startswith(incomplete)]
-    except Exception:  # completion must never fail loudly
-        return []
+    return [n for n in mirrors.names() if n.startswith(incomplete)]
 
 
 NameArg = typer.Argument(..., help="Mirror name (or an http(s) URL).", autocompletion=_complete)
@@ -28,11 +25,17 @@ NameArg = typer.Argument(..., help="Mirror name (or an http(s) URL).", autocompl
 
 @app.command("list")
 def list_(json: bool = JsonOpt) -> None:
-    """List built-in and your mirrors, the default and the fallbacks."""
+    """List built-in and your mirrors, in the fallback order that `lora fetch` uses."""
     from loracli import mirrors
 
     rows = mirrors.listing()
-    output.emit(rows, json, lambda r: output.table(r, ["name", "kind", "role", "url", "status"]))
+    output.emit(rows, json, _render_list)
+
+
+def _render_list(rows: list[dict]) -> None:
+    output.table(rows, ["name", "kind", "role", "url", "status"])
+    output.note(f"order set by: {rows[0]['order_set_by'] if rows else 'nothing'}"
+                "   (change it with `lora mirror use A B C`, or LORA_MIRROR=A,B,C)")
 
 
 @app.command()
@@ -47,7 +50,7 @@ def add(
     from loracli import mirrors
 
     m = mirrors.add(name, url, kind, force=force)
-    output.note(f"added {name}; make it the default with `lora mirror use {name}`")
+    output.note(f"added {name}; try it first with `lora mirror use {name} hf-mirror hf`")
     output.emit(m.to_dict(), json, lambda r: None)
 
 
@@ -62,13 +65,17 @@ def remove(name: str = NameArg, json: bool = JsonOpt) -> None:
 
 
 @app.command()
-def use(name: str = NameArg, json: bool = JsonOpt) -> None:
-    """Make a mirror the default for `lora fetch` and `lora mirror sync`."""
+def use(
+    names: List[str] = typer.Argument(..., help="Mirror names (or URLs) in the order to try them.",
+                                      autocompletion=_complete),
+    json: bool = JsonOpt,
+) -> None:
+    """Set the fallback order for `lora fetch` and `lora mirror sync`: the first is tried first."""
     from loracli import mirrors
 
-    m = mirrors.use(name)
-    output.note(f"default mirror: {m.name} ({m.url})")
-    output.emit(m.to_dict(), json, lambda r: None)
+    chosen = mirrors.use(names)
+    output.note("mirror order: " + " → ".join(f"{m.name} ({m.url})" for m in chosen))
+    output.emit([m.to_dict() for m in chosen], json, lambda r: None)
 
 
 @app.command()
@@ -80,22 +87,36 @@ def test(
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds before a mirror counts as down."),
     json: bool = JsonOpt,
 ) -> None:
-    """Is each mirror reachable, how fast, does it serve a small known file?"""
+    """Does each mirror answer (and if not, why: DNS, refused, TLS, stall), how fast, and does it
+    serve a small known file? Exit 1 when none does."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loracli import hub, mirrors
+    from loracli import health, mirrors
+    from loracli.errors import LoraError
 
     chosen = [mirrors.get(n) for n in names] if names else list(mirrors.all_mirrors().values())
     with ThreadPoolExecutor(max_workers=8) as pool:
-        rows = list(pool.map(lambda m: hub.probe(m, model, file, timeout), chosen))
+        rows = list(pool.map(lambda m: _retired(m) or health.probe(m, model, file, timeout), chosen))
+    if not any(r["serves_file"] for r in rows):
+        if not json:
+            _render_test(rows)
+        raise LoraError(f"no mirror serves {file} of {model} from here",
+                        "lora mirror add NAME https://…   (a mirror that answers on this network; "
+                        "the rows above say why each failed)", data=rows)
     output.emit(rows, json, _render_test)
+
+
+def _retired(m) -> dict | None:
+    return {"name": m.name, "url": m.url, "kind": m.kind, "state": "retired", "reachable": False,
+            "latency_ms": None, "serves_file": False, "error": f"retired: {m.retired}",
+            "retired": m.retired} if m.retired else None
 
 
 def _render_test(rows: list[dict]) -> None:
     shown = [{**r, "reachable": "yes" if r["reachable"] else "no",
               "latency": f"{r['latency_ms']:.0f} ms" if r["latency_ms"] is not None else "",
               "serves file": "yes" if r["serves_file"] else "no",
-              "note": r["error"] or (f"retired: {r['retired']}" if r["retired"] else "")} for r in rows]
+              "note": r["error"]} for r in rows]
     output.table(shown, ["name", "kind", "reachable", "latency", "serves file", "note"])
 
 
@@ -114,7 +135,7 @@ def sync(
 ) -> None:
     """Bring every tracked model to its mirror's current commit (cron-friendly; exit 1 if any failed)."""
     from loracli import sync as sync_lib
-    from loracli.commands.fetch import Reporter
+    from loracli.hubview import Reporter
 
     reporter = Reporter()
     try:
@@ -139,9 +160,9 @@ def status(json: bool = JsonOpt) -> None:
 
 
 def _render_status(rows: list[dict]) -> None:
-    from loracli.commands.fetch import _size
+    from loracli.hubview import human_size
 
-    shown = [{**r, "commit": (r.get("commit") or "")[:7], "size": _size(r.get("size") or 0),
+    shown = [{**r, "commit": (r.get("commit") or "")[:7], "size": human_size(r.get("size") or 0),
               "last_update": r.get("last_update") or "never", "error": r.get("error_msg", "")}
              for r in rows]
     output.table(shown, ["name", "status", "commit", "size", "last_update", "last_ended", "error"])
