@@ -141,3 +141,23 @@ def test_qlora_run_trains_in_4bit_and_merges_into_the_full_precision_base(tmp_pa
                 name = k.removeprefix("base_model.model.").replace(".lora_A", "")
                 weights[name] += 2.0 * (state[k.replace(".lora_A.", ".lora_B.")] @ a)
         torch.testing.assert_close(got(ids).logits, oracle(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_export_and_inspect_commands_on_an_llm_run(trained_run, cli):
+    run_dir, t = trained_run
+    r = cli("export", run_dir, "--json")  # the default format of a language-model run: peft
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["format"] == "peft" and out["modules"] == {"model": 4}
+    config = json.loads((run_dir / "pirate-peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == t.base_folder.name  # no local path
+    assert str(t.base_folder) not in (run_dir / "pirate-peft" / "adapter_config.json").read_text()
+    r = cli("export", run_dir, "--format", "gguf", "--json")
+    assert r.exit_code == 0, r.output
+    gguf_path = json.loads(r.stdout)["path"]
+    r = cli("inspect", gguf_path, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["format"] == "gguf" and report["ranks"] == [8] and report["alphas"] == [16.0]
+    r = cli("export", run_dir, "--format", "diffusers")
+    assert r.exit_code == 1 and "does not apply to a language-model run" in r.stderr

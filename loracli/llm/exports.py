@@ -143,9 +143,10 @@ def generation_ids(tokenizer, template: str) -> list[int]:
 
 def write_merged(dest: Path, base_folder: Path, state: dict, adapter_config: dict, tokenizer,
                  template: str, dtype: str = "fp16", weight: float = 1.0,
-                 force: bool = False) -> bool:
+                 force: bool = False, public_name: str = "", local_roots=()) -> bool:
     """A full transformers model folder: merged weights, tokenizer, template, end tokens.
-    Returns True when an identical export was already there."""
+    Any config value naming a path under `local_roots` is rewritten (`public_name` for the
+    `_name_or_path` keys). Returns True when an identical export was already there."""
     from transformers import GenerationConfig
 
     torch_dtype = _torch_dtype(dtype)
@@ -163,4 +164,8 @@ def write_merged(dest: Path, base_folder: Path, state: dict, adapter_config: dic
     with _Staging(dest, force) as staging:
         model.save_pretrained(str(staging.tmp), safe_serialization=True)
         _save_tokenizer(staging.tmp, tokenizer, template)
+        if local_roots:
+            from loracli import provenance
+
+            provenance.scrub_config_folder(staging.tmp, public_name, list(local_roots))
     return staging.already

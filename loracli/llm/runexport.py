@@ -44,6 +44,12 @@ class Exported:
     already: bool = False
     base: str = ""
     eval: dict = field(default_factory=dict)
+    zero_modules: int = 0                            # (image exports: modules added for loaders)
+    compat: list = field(default_factory=list)       # (image exports: per-loader coverage)
+
+    @property
+    def warnings(self) -> list[str]:
+        return []
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "format": self.format, "name": self.name,
@@ -53,10 +59,14 @@ class Exported:
 
 def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: str = "fp16",
            output: str | Path | None = None, name: str | None = None, force: bool = False,
-           weight: float = 1.0) -> Exported:
-    """Write one export of an LLM run (peft folder, merged model folder or GGUF adapter)."""
+           weight: float = 1.0, keep_paths: bool = False) -> Exported:
+    """Write one export of an LLM run (peft folder, merged model folder or GGUF adapter).
+
+    The base model is named as `loracli.provenance` names it (repo id, or a local folder's base
+    name; the full path only with `keep_paths`), so an export shows no local paths."""
     from safetensors.torch import load_file
 
+    from loracli import provenance
     from loracli.llm import causal, exports, llamacpp
 
     if format not in FORMATS:
@@ -73,7 +83,8 @@ def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: 
     config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
     facts = json.loads((checkpoint.path / "state.json").read_text("utf-8"))
     base = _base_folder(info)
-    base_name = info.get("base", {}).get("model", "")
+    identity = provenance.base_identity(info.get("base", {}), keep_paths)
+    base_name = identity.path or identity.name
     name = name or info.get("profile") or run_dir.name
     target = Path(output).expanduser() if output else default_output(run_dir, name, format)
     tokenizer = causal.load_tokenizer(base)
@@ -86,8 +97,9 @@ def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: 
         already = exports.write_peft(target, state, config, tokenizer, template, base_name,
                                      dtype, force)
     else:
+        roots = [] if keep_paths else [str(base), str(run_dir.resolve())]
         already = exports.write_merged(target, base, state, config, tokenizer, template, dtype,
-                                       weight, force)
+                                       weight, force, base_name, roots)
     return Exported(target, format, name, checkpoint.step, dtype,
                     {COMPONENT: len([k for k in state if ".lora_A." in k])}, already, base_name,
                     facts.get("eval") or {})

@@ -50,6 +50,11 @@ def write_start(run_dir: Path, profile, version: str) -> Path:
     base = resolve_base(profile.model.base)
     examples = data.load(profile.data.dir, getattr(profile.data, "format", "auto"))
     commit = base.name if len(base.name) == 40 else None
+    repo = None
+    if commit:  # a hub-cache snapshot: named by its repo in exports
+        from loracli import models
+
+        repo = models.resolve(profile.model.base).repo_id
     atomic.write_json(Path(run_dir) / "dataset.json", {
         "examples": len(examples), "kinds": data.kinds(examples),
         "fingerprint": data.fingerprint(profile.data.dir)})
@@ -58,7 +63,8 @@ def write_start(run_dir: Path, profile, version: str) -> Path:
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "profile": profile.name, "components": [COMPONENT],
         "base": {"model": profile.model.base, "path": str(base), "family": FAMILY,
-                 "commit": commit, "quantize": getattr(profile.model, "quantize", "")}})
+                 "repo": repo, "commit": commit,
+                 "quantize": getattr(profile.model, "quantize", "")}})
     return Path(run_dir)
 
 
