@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hub_fixtures import online  # noqa: F401 (fixture)
 from llm_fixtures import tiny_llama, tiny_qwen2  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -68,3 +69,34 @@ def test_llm_aliases_fetch_safetensors_tokenizer_and_template_only():
                 "README.md"]
     assert all(models.matches(f, ref.include) for f in wanted)
     assert not any(models.matches(f, ref.include) for f in unwanted)
+
+
+def test_fetch_an_llm_alias_through_a_mirror_takes_only_what_training_loads(
+        cli, online, tiny_qwen2, tmp_path):  # noqa: F811 (online: hub_fixtures)
+    import json
+    import shutil
+
+    from hubserver import serve
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loracli import models
+    from loracli.llm import runfolder
+
+    upstream = tmp_path / "upstream"
+    shutil.copytree(tiny_qwen2, upstream)
+    (upstream / ".built").unlink(missing_ok=True)
+    (upstream / "pytorch_model.bin").write_bytes(b"a pickle lora never downloads")
+    (upstream / "README.md").write_text("# model card")
+    with serve({"Qwen/Qwen2.5-0.5B-Instruct": upstream}) as url:
+        r = cli("fetch", "qwen2.5-0.5b-instruct", "--mirror", url, "--json")
+        assert r.exit_code == 0, r.stderr
+    snap = models.local_snapshot("qwen2.5-0.5b-instruct")
+    got = sorted(p.name for p in snap.iterdir())
+    assert "pytorch_model.bin" not in got and "README.md" not in got
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+            "generation_config.json"} <= set(got)
+    assert sorted(f["path"] for f in json.loads(r.stdout)["files"]) == got
+    assert runfolder.is_causal_lm(snap)
+    model = AutoModelForCausalLM.from_pretrained(snap, local_files_only=True)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert "{% generation %}" in AutoTokenizer.from_pretrained(snap).chat_template
