@@ -1,4 +1,9 @@
-"""The `lora` command: a table of subcommands, and the one place errors become exit codes.
+"""The `lora` command: a table of subcommands, and `main`, the one place errors become exit codes.
+
+Typer parses and dispatches (`standalone_mode=False`, so every outcome comes back here); `main`
+maps what comes back through one table (`ERRORS`): a `LoraError` is `error:`/`hint:` and its
+exit code, a usage error exit 2, Ctrl+C exit 130, a closed pipe a quiet exit, anything else an
+internal error. Under `--json` each of them is also one JSON document on stdout.
 
 Nothing heavy is imported here: `lora --help` and shell completion must stay fast. Each command
 module imports torch/diffusers/huggingface_hub inside the function that needs them.
@@ -6,49 +11,25 @@ module imports torch/diffusers/huggingface_hub inside the function that needs th
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
 
 import typer
-from typer.core import TyperGroup
 
-from loracli import __version__
+from loracli import __version__, examples
 from loracli.errors import LoraError
 
 
-class LoraGroup(TyperGroup):
-    """Maps every `LoraError` to `error:`/`hint:` on stderr and its exit code (1, or 2 for busy)."""
+class Interrupted(LoraError):
+    """How Ctrl+C is reported outside the training loop (which saves and stops on its own)."""
 
-    def parse_args(self, ctx, args):
-        ctx.meta["lora.json"] = "--json" in args
-        return super().parse_args(ctx, args)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LoraError as e:
-            report(e, as_json=ctx.meta.get("lora.json", False))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
-        except BrokenPipeError:
-            # `lora … | head`: the reader left; stop quietly, as Unix tools do on SIGPIPE
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(141) from None
-        except Exception as e:  # noqa: BLE001 - the last line of defence
-            if type(e).__module__.startswith(("typer", "click")):
-                raise  # usage errors and exits: Typer prints them (exit 2 for usage)
-            if os.environ.get("LORA_DEBUG"):
-                traceback.print_exc()
-            report(LoraError(f"internal error: {type(e).__name__}: {e}",
-                             "rerun with LORA_DEBUG=1 to see the traceback, and report it"),
-                   as_json=ctx.meta.get("lora.json", False))
-            raise typer.Exit(1) from None
+    exit_code = 130
 
 
 def report(error: LoraError, as_json: bool = False) -> None:
+    """`error:`, its details and `hint:` on stderr; with `--json` also the document on stdout."""
     if os.environ.get("LORA_DEBUG") and error.__traceback__ is not None:
         traceback.print_exception(error)
     print(f"error: {error.message}", file=sys.stderr)
@@ -57,9 +38,67 @@ def report(error: LoraError, as_json: bool = False) -> None:
     if error.hint:
         print(f"hint: {error.hint}", file=sys.stderr)
     if as_json:
-        import json
+        document = {**error.to_dict(), "exit_code": error.exit_code}
+        print(json.dumps(document, indent=2, ensure_ascii=False), flush=True)
 
-        print(json.dumps(error.to_dict(), indent=2, ensure_ascii=False))
+
+def _user_error(e: LoraError, as_json: bool, args: list[str]) -> int:
+    report(e, as_json)
+    return e.exit_code
+
+
+def _usage_error(e: Exception, as_json: bool, args: list[str]) -> int:
+    """A bad option or argument (click's UsageError and kin, exit 2): usage on stderr."""
+    show = getattr(e, "show", None)
+    if show is not None:
+        show()
+    else:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+    if as_json:
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "lora"
+        document = {"error": e.format_message(), "hint": f"`{command} --help` shows the usage",
+                    "details": [], "exit_code": e.exit_code}
+        print(json.dumps(document, indent=2, ensure_ascii=False), flush=True)
+    return e.exit_code
+
+
+def _interrupted(e: BaseException, as_json: bool, args: list[str]) -> int:
+    command = " ".join(["lora", *args])
+    report(Interrupted("interrupted", f"run `{command}` again to continue; finished work is kept"),
+           as_json)
+    return Interrupted.exit_code
+
+
+def _closed_pipe(e: BaseException, as_json: bool, args: list[str]) -> int:
+    # `lora … | head`: the reader left; stop quietly, as Unix tools do on SIGPIPE
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
+def _internal(e: BaseException, as_json: bool, args: list[str]) -> int:
+    if os.environ.get("LORA_DEBUG"):
+        traceback.print_exception(e)
+    report(LoraError(f"internal error: {type(e).__name__}: {e}",
+                     "rerun with LORA_DEBUG=1 to see the traceback, and report it"), as_json)
+    return 1
+
+
+try:  # click's UsageError, BadParameter…: Typer carries its own click since it vendored it
+    USAGE_ERRORS: tuple = (typer.TyperException,)
+except AttributeError:  # pragma: no cover - an older Typer on top of click
+    import click
+
+    USAGE_ERRORS = (click.ClickException,)
+
+# The one table from exception to outcome, most specific first.
+ERRORS = (
+    (LoraError, _user_error),
+    (USAGE_ERRORS, _usage_error),
+    ((KeyboardInterrupt, typer.Abort), _interrupted),
+    (BrokenPipeError, _closed_pipe),
+    (Exception, _internal),
+)
 
 
 def _version(value: bool) -> None:
@@ -69,17 +108,17 @@ def _version(value: bool) -> None:
 
 
 app = typer.Typer(
-    cls=LoraGroup,
     name="lora",
     help="From a folder of pictures to a LoRA that WebUI, ComfyUI and diffusers load.",
     no_args_is_help=True,
+    add_completion=False,  # one installer: `lora completion SHELL`
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
-@app.callback()
+@app.callback(epilog=examples.block("lora"))
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
@@ -92,22 +131,48 @@ def _register() -> None:
     from loracli.commands import (cache, caption, completion, demo, doctor, export, fetch,
                                   inspect, mirror, profile, resume, train)
 
-    app.command("demo")(demo.demo)
-    app.command("fetch")(fetch.fetch)
-    app.add_typer(mirror.app, name="mirror")
-    app.add_typer(cache.app, name="cache")
-    app.command("caption")(caption.caption)
-    app.add_typer(profile.app, name="profile")
-    app.command("train")(train.train)
-    app.command("resume")(resume.resume)
-    app.command("export")(export.export)
-    app.command("inspect")(inspect.inspect)
-    app.command("doctor")(doctor.doctor)
-    app.command("completion")(completion.completion)
+    def command(name: str, function) -> None:
+        app.command(name, epilog=examples.block(name))(function)
+
+    command("demo", demo.demo)
+    command("fetch", fetch.fetch)
+    app.add_typer(mirror.app, name="mirror", epilog=examples.block("mirror"))
+    app.add_typer(cache.app, name="cache", epilog=examples.block("cache"))
+    command("caption", caption.caption)
+    app.add_typer(profile.app, name="profile", epilog=examples.block("profile"))
+    command("train", train.train)
+    command("resume", resume.resume)
+    command("export", export.export)
+    command("inspect", inspect.inspect)
+    command("doctor", doctor.doctor)
+    command("completion", completion.completion)
+    for group, sub in (("mirror", mirror.app), ("cache", cache.app), ("profile", profile.app)):
+        examples.attach(group, sub)
 
 
 _register()
 
 
+def run(argv: list[str] | None = None) -> int:
+    """Run `lora ARGS…` and return its exit status; every exception is mapped by `ERRORS`."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    as_json = "--json" in args
+    if "_LORA_COMPLETE" in os.environ:  # a <TAB> from the script `lora completion SHELL` printed
+        from typer.completion import completion_init  # registers bash/zsh/fish (Typer < 0.30)
+
+        completion_init()
+    try:
+        code = app(args=args, prog_name="lora", standalone_mode=False)
+        if code == Interrupted.exit_code:  # Typer's answer to a KeyboardInterrupt it caught
+            return _interrupted(None, as_json, args)
+        return code if isinstance(code, int) else 0
+    except SystemExit as e:  # a command that reported its own outcome (a run stopped by Ctrl+C)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the table's last row takes all
+        handler = next(h for kinds, h in ERRORS if isinstance(e, kinds))
+        return handler(e, as_json, args)
+
+
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv, prog_name="lora")
+    """The `lora` console script."""
+    sys.exit(run(argv))

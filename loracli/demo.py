@@ -28,13 +28,15 @@ class DemoResult:
     folder: Path
     dataset: Path
     run: Path
-    lora: Path
+    lora: Path | None
     loss_plot: Path
-    grid: Path
+    grid: Path | None
     snippet: str
-    base_loss: float
-    lora_loss: float
+    base_loss: float | None
+    lora_loss: float | None
     steps: int
+    status: str = "finished"          # or "interrupted" (Ctrl+C saved a checkpoint)
+    resumed_from: int | None = None   # the step a continued demo started from
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -80,14 +82,26 @@ def prepare_folder(folder: Path) -> None:
     (folder / MARKER).write_text("made by `lora demo`; `lora demo` may replace this folder\n")
 
 
+def unfinished(folder: Path) -> bool:
+    """A demo stopped before its grid: its run is continued, not replaced."""
+    folder = Path(folder)
+    return ((folder / MARKER).is_file() and (folder / "run" / "run.json").is_file()
+            and not (folder / "before_after.png").is_file())
+
+
 def run(folder: Path, on_step: Callable[[dict], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
         on_warning: Callable[[str], None] | None = None, stop=None,
-        max_steps: int | None = None) -> DemoResult:
-    """The whole demo; returns where everything is. Never touches the network."""
+        max_steps: int | None = None, on_start: Callable[[dict], None] | None = None,
+        on_status: Callable[[str], None] | None = None) -> DemoResult:
+    """The whole demo; returns where everything is. Never touches the network.
+
+    A demo stopped by Ctrl+C returns with status "interrupted"; running it again on the same
+    folder continues its run from the last checkpoint and ends with the grid.
+    """
     import time
 
-    from loracli import export, models, training
+    from loracli import export, jobs, launch, models, training
 
     stage = on_stage or (lambda _m: None)
     folder = Path(folder).resolve()
@@ -98,24 +112,39 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     base = models.install_tiny("tiny-sd")
     seconds["fetch"] = round(time.perf_counter() - t, 1)
 
-    prepare_folder(folder)
     data = folder / "data"
-    make_dataset(data)
-    stage(f"data: {IMAGES} pictures of red discs with captions \"{CAPTION}\" in {data}")
-
     overrides = [f"data.dir={_toml_str(data)}", f"train.output_dir={_toml_str(folder / 'run')}"]
     if max_steps:
         overrides.append(f"train.max_steps={max_steps}")
     profile = profiles.load("demo", overrides)
-    stage(f"train: {profile.train.max_steps} steps of LoRA rank {profile.lora.rank} "
-          f"on {profile.model.base} (profile `demo`)")
+    run_dir, resumed = None, False
+    if unfinished(folder):
+        try:
+            run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
+        except LoraError:  # other settings this time (--steps): start the demo again
+            run_dir = None
+    if run_dir is None:
+        prepare_folder(folder)
+        make_dataset(data)
+        stage(f"data: {IMAGES} pictures of red discs with captions \"{CAPTION}\" in {data}")
+        run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
+    job = jobs.Job(run_dir, launch.Layout(), resumed,
+                   jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
+    if resumed:
+        stage(f"train: continuing the demo's run from step {job.start_step}")
+    else:
+        stage(f"train: {profile.train.max_steps} steps of LoRA rank {profile.lora.rank} "
+              f"on {profile.model.base} (profile `demo`)")
     t = time.perf_counter()
-    run_dir, _ = training.start(profile, restart=False, on_warning=on_warning)
-    result = training.run(run_dir, on_step=on_step, on_warning=on_warning, stop=stop)
+    result = jobs.train(job, on_step=on_step, on_warning=on_warning, stop=stop,
+                        on_start=on_start, on_status=on_status)
     seconds["train"] = round(time.perf_counter() - t, 1)
+    done = dict(folder=folder, dataset=data, run=run_dir, loss_plot=run_dir / "loss.png",
+                snippet="<lora:demo:0.8>", steps=result.step,
+                resumed_from=job.start_step if resumed else None, seconds=seconds)
     if result.status == "interrupted":
-        raise LoraError(f"demo stopped at step {result.step}",
-                        f"continue the training with `lora resume {run_dir}`")
+        return DemoResult(lora=None, grid=None, base_loss=None, lora_loss=None,
+                          status="interrupted", **done)
 
     t = time.perf_counter()
     exported = export.export(run_dir, format="kohya", name="demo", force=True)
@@ -126,10 +155,8 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     grid = folder / "before_after.png"
     before_after_grid(base, lora_file, data, profile.sample.prompts[0], grid)
     seconds["export+grid"] = round(time.perf_counter() - t, 1)
-    return DemoResult(folder=folder, dataset=data, run=run_dir, lora=lora_file,
-                      loss_plot=run_dir / "loss.png", grid=grid, snippet="<lora:demo:0.8>",
-                      base_loss=round(base_loss, 4), lora_loss=round(lora_loss, 4),
-                      steps=result.step, seconds=seconds)
+    return DemoResult(lora=lora_file, grid=grid, base_loss=round(base_loss, 4),
+                      lora_loss=round(lora_loss, 4), **done)
 
 
 def _toml_str(path: Path) -> str:

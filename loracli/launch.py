@@ -201,17 +201,7 @@ def train(run_dir: Path, processes: int | Layout = 1, on_step: Callable | None =
 
 
 def plain_progress(every: int = 0) -> Callable[[dict], None]:
-    """One line per step (or every `every` steps) and one per checkpoint, for logs and pipes."""
-    from loracli import output
+    """One labelled line every few steps and one per checkpoint, for logs and pipes."""
+    from loracli import trainview
 
-    def on_step(m: dict) -> None:
-        n = every or max(1, m["max_steps"] // 100)
-        if m["step"] % n == 0 or m["step"] == m["max_steps"] or "checkpoint" in m:
-            output.note(f"step {m['step']}/{m['max_steps']}  epoch {m['epoch']:.2f}  "
-                        f"loss {m['loss']:.4f} (avg {m['loss_smooth']:.4f})  lr {m['lr']:.2e}  "
-                        f"{1 / m['seconds']:.2f} it/s  {m['images_per_s']:.1f} img/s  "
-                        f"mem {m['memory_mib']:.0f} MiB")
-        if "checkpoint" in m:
-            output.note(f"saved {m['checkpoint']}")
-
-    return on_step
+    return trainview.PlainView(every).on_step

@@ -60,3 +60,56 @@ def table(rows: list[dict], columns: list[str], title: str | None = None) -> Non
     for row in rows:
         t.add_row(*(str(row.get(c, "")) for c in columns))
     console(stderr=False).print(t)
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal, nothing otherwise: the one place bars are
+    drawn (training has its own live view, `loracli.trainview`).
+
+        with output.Progress("captioning") as bar:
+            bar.update(done, total)          # or bar.advance(n); bar.say(message) above it
+
+    `unit="bytes"` shows sizes and transfer speed instead of a count.
+    """
+
+    def __init__(self, label: str, enabled: bool | None = None, unit: str = "items",
+                 total: float | None = None):
+        self.label, self.unit, self.total = label, unit, total
+        self.enabled = is_terminal() if enabled is None else enabled
+        self.bar = None
+        self.task = None
+
+    def __enter__(self) -> "Progress":
+        if not self.enabled:
+            return self
+        from rich import progress as p
+
+        columns = [p.TextColumn("{task.description}"), p.BarColumn()]
+        columns += ([p.DownloadColumn(), p.TransferSpeedColumn()] if self.unit == "bytes"
+                    else [p.MofNCompleteColumn()])
+        self.bar = p.Progress(*columns, p.TimeRemainingColumn(), console=console(stderr=True),
+                              transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(self.label, total=self.total)
+        return self
+
+    def update(self, done: float, total: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+    def advance(self, amount: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=amount)
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(message, markup=False, highlight=False)
+        else:
+            note(message)
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        return False
+

@@ -4,6 +4,7 @@ tiny models are built once per session, offline and deterministically (loracli.t
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,24 @@ def isolated(tmp_path, monkeypatch):
 
 @pytest.fixture
 def cli():
-    """Run `lora ARGS…` in-process; returns click's Result (exit_code, stdout, stderr)."""
-    from loracli.cli import app
+    """Run `lora ARGS…` in-process through `loracli.cli.run`, the same path as the console
+    script (its error table included); returns a Result (exit_code, stdout, stderr)."""
+    from typer.testing import Result
+
+    from loracli.cli import run as lora
 
     runner = CliRunner()
 
     def run(*args, input=None, env=None):
-        return runner.invoke(app, [str(a) for a in args], input=input, env=env,
-                             catch_exceptions=False)
+        with runner.isolation(input=input, env=env) as (out, err, mixed):
+            try:
+                code = lora([str(a) for a in args])
+            except SystemExit as e:  # shell completion and eager options exit by themselves
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return Result(runner, out.getvalue(), err.getvalue(), mixed.getvalue(), None,
+                          code, None)
 
     return run
 

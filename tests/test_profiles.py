@@ -208,3 +208,59 @@ def test_readme_documents_every_profile_key_with_its_default():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
     for row in profiles.key_docs():
         assert f"| `{row['key']}` |" in readme, f"README's key table lacks {row['key']}"
+
+
+HOSTILE = ["../../victim", "../victim", "/tmp/victim", "..", ".hidden", "a/b", "a\\b", "~/victim",
+           "victim\x00", "x" * 65, "victim.toml"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_every_command_taking_a_profile_name_checks_it(cli, isolated, name):
+    victim = isolated["tmp"] / "victim.toml"  # where ../../victim from the profiles folder lands
+    victim.write_text("[train]\nseed = 1\n")
+    (isolated["home"] / "profiles").mkdir(parents=True)
+    for command in (("rm", name), ("path", name), ("new", name), ("edit", name)):
+        result = cli("profile", *command, env={"EDITOR": "true"})
+        assert result.exit_code == 1, (command, result.stderr)
+        assert result.stderr.startswith("error: invalid profile name"), (command, result.stderr)
+        assert "hint: " in result.stderr and "internal error" not in result.stderr
+    assert victim.read_text() == "[train]\nseed = 1\n"
+    assert list((isolated["home"] / "profiles").iterdir()) == []
+    with pytest.raises(LoraError, match="invalid profile name"):
+        profiles.user_file(name)
+
+
+def test_profile_rm_cannot_delete_outside_the_profiles_folder(cli, isolated):
+    victim = isolated["tmp"] / "victim.toml"
+    victim.write_text("precious")
+    result = cli("profile", "rm", "../../victim")
+    assert result.exit_code == 1 and "invalid profile name '../../victim'" in result.stderr
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("arg", ["../../etc/passwd", "/etc/passwd", "../../../../etc/shadow"])
+def test_showing_a_path_that_is_not_a_profile_is_a_clear_error(cli, arg):
+    for command in (("show", arg), ("validate", arg), ("show", arg, "--resolved")):
+        result = cli("profile", *command)
+        assert result.exit_code == 1, command
+        assert result.stdout == "" and "root:" not in result.stderr
+        assert result.stderr.startswith(f"error: {arg}: not a profile"), result.stderr
+        assert "hint: " in result.stderr and "internal error" not in result.stderr
+
+
+def test_a_profile_path_that_is_a_folder_names_the_fix(cli, tmp_path):
+    plain = tmp_path / "somewhere"
+    plain.mkdir()
+    run = tmp_path / "output" / "anime"
+    run.mkdir(parents=True)
+    (run / "profile.toml").write_text("[train]\nseed = 1\n")
+    for args in (("profile", "validate", str(plain)), ("train", "--config", str(plain)),
+                 ("profile", "validate", f"{plain}/"), ("profile", "show", str(plain))):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        assert "is a folder, not a profile file" in result.stderr.splitlines()[0]
+        assert result.stderr.splitlines()[1].startswith("hint: "), result.stderr
+    result = cli("train", "--config", str(run), "--json")
+    assert result.exit_code == 1
+    document = json.loads(result.stdout)
+    assert f"`lora resume {run}`" in document["hint"]

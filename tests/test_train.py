@@ -54,7 +54,10 @@ def test_run_writes_checkpoints_metrics_plot_and_run_facts(trained, tiny_sd):
     dataset = json.loads((run / "dataset.json").read_text())
     assert len(dataset.pop("fingerprint")) == 64
     assert dataset == {"num_images": 6, "resolution": 64,
-                       "tag_frequency": {"data": {"sks": 6, "red square": 6, "blue background": 6}}}
+                       "tag_frequency": {"data": {"sks": 6, "red square": 6, "blue background": 6}},
+                       "dirs": {"data": {"img_count": 6, "n_repeats": 1}},
+                       "buckets": {"buckets": {"0": {"count": 6, "resolution": [64, 64]}},
+                                   "mean_img_ar_error": 0.0}}
     frozen = runs.load_profile(run)
     assert frozen.train.max_steps == 40 and frozen.data.dir == str(trained["data"].resolve())
     assert any("fp32" not in w for w in trained["warnings"]) or trained["warnings"] == []

@@ -9,6 +9,7 @@ import typer
 
 from loracli import output
 from loracli.hubview import human_size
+from loracli.options import CachedModelArg
 
 
 def _model_names(incomplete: str) -> list[str]:
@@ -65,7 +66,7 @@ def _render(reports: list[dict]) -> None:
 
 @app.command()
 def rm(
-    model: str = ModelArg,
+    model: CachedModelArg,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (for scripts)."),
     json: bool = JsonOpt,

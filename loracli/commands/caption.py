@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from loracli import output
+from loracli.options import JsonOpt
 
 
 def caption(
@@ -27,7 +28,7 @@ def caption(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print captions; write nothing."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images encoded at once."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when present)."),
-    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json: JsonOpt = False,
 ) -> None:
     """Caption images with CLIP labels: a caption file beside each image and metadata.csv.
 
@@ -39,8 +40,8 @@ def caption(
         labels=tuple(labels or ()), model=model, weights=weights, prefix=prefix, ext=ext,
         existing=existing, recursive=recursive, dry_run=dry_run, batch_size=batch_size,
         device=device)
-    with _progress(json) as on_progress:
-        result = captioning.caption_folder(folder, options, on_progress=on_progress)
+    with output.Progress("captioning", enabled=output.is_terminal() and not json) as bar:
+        result = captioning.caption_folder(folder, options, on_progress=bar.update)
     output.emit(result, json, _render)
 
 
@@ -58,30 +59,3 @@ def _render(result: dict) -> None:
     for f in result["failed"]:
         output.warn(f"skipped {f['error']}")
 
-
-class _progress:
-    """A rich progress bar on a terminal (stderr); a no-op callback otherwise."""
-
-    def __init__(self, as_json: bool):
-        self.bar = None
-        self.enabled = output.is_terminal() and not as_json
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress("captioning", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=output.console(stderr=True), transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task("caption", total=None)
-
-        def update(done: int, total: int) -> None:
-            self.bar.update(self.task, completed=done, total=total)
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

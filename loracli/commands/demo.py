@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,7 @@ from typing import Optional
 import typer
 
 from loracli import output
+from loracli.options import JsonOpt
 
 NEXT_STEPS = """\
 The base was the tiny 64 px model (trained briefly on squares and triangles, never discs), so
@@ -24,21 +24,32 @@ pictures are 8x8 colour mosaics; the grid's last row is the LoRA's doing. For re
 def demo(
     out: Path = typer.Option(Path("lora-demo"), "--output", "-o",
                              help="Folder for the demo's data, run and pictures."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the demo profile's 600)."),
-    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1,
+                                        help="Training steps (default: the demo profile's 600)."),
+    json: JsonOpt = False,
 ) -> None:
-    """The whole job on a tiny offline model: fetch, data, train, export, before/after grid."""
-    from loracli import demo as demo_lib, launch, training
-    from loracli.commands.train import RichProgress
+    """The whole job on a tiny offline model: fetch, data, train, export, before/after grid.
 
-    live = output.is_terminal(sys.stderr) and not json
-    reporter = RichProgress() if live else None
+    Ctrl+C saves and stops (exit 130); running the same command again continues the run and
+    ends with the grid.
+    """
+    from loracli import demo as demo_lib, training, trainview
+
     stop = training.StopFlag()
-    with stop.installed(output.note), reporter or contextlib.nullcontext():
-        result = demo_lib.run(out, on_step=reporter or launch.plain_progress(every=20),
-                              on_stage=output.note, on_warning=output.warn, stop=stop,
-                              max_steps=steps)
-    output.emit(result.to_dict(), json, _render)
+    shown = trainview.view(output.is_terminal(sys.stderr), every=20)
+    with stop.installed(output.note), shown:
+        result = demo_lib.run(out, on_step=shown.on_step, on_stage=shown.say,
+                              on_warning=output.warn, stop=stop, max_steps=steps,
+                              on_start=shown.on_start, on_status=shown.on_status)
+    again = f"lora demo --output {out}" + (f" --steps {steps}" if steps else "")
+    stopped = result.status == "interrupted"
+    document = {**result.to_dict(), "next": again if stopped else None}
+    if stopped:
+        output.note(f"demo stopped at step {result.steps}; `{again}` continues it from there "
+                    "and ends with the before/after grid")
+    output.emit(document, json, (lambda r: None) if stopped else _render)
+    if stopped:
+        sys.exit(130)
 
 
 def _render(r: dict) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import typer
-
 from loracli import output
+from loracli.options import JsonOpt
 
 
-def doctor(json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
+def doctor(json: JsonOpt = False) -> None:
     """Check the installation: Python, torch, CUDA/MPS, accelerate, cache, disk, mirror."""
     from loracli import diagnostics
 

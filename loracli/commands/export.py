@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from loracli import output
+from loracli.options import RunArg
 
 
 class Format(str, Enum):
@@ -26,7 +27,7 @@ class Dtype(str, Enum):
 
 
 def export(
-    run: str = typer.Argument(..., help="Run folder (e.g. output/anime) or profile name."),
+    run: RunArg,
     format: Format = typer.Option(Format.kohya, "--format", "-f",
                                   help="kohya: WebUI/ComfyUI/diffusers file; diffusers: "
                                        "pytorch_lora_weights.safetensors; peft: adapter folders; "

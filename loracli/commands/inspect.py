@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from loracli import output
+from loracli.options import LoraFileArg
 
 
 def inspect(
-    file: Path = typer.Argument(..., help="A kohya, diffusers or peft LoRA (.safetensors or peft folder)."),
+    file: LoraFileArg,
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show what a LoRA file holds: format, rank, alpha, base model, modules, metadata."""

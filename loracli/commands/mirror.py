@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from loracli import output
+from loracli.options import MirrorOpt
 
 app = typer.Typer(help="Mirrors: list, add, remove, use, test; sync tracked models (cron) and status.",
                   no_args_is_help=True)
@@ -123,7 +124,7 @@ def _render_test(rows: list[dict]) -> None:
 @app.command()
 def sync(
     models: Optional[List[str]] = typer.Argument(None, help="Tracked models to sync (default: all)."),
-    mirror: Optional[str] = typer.Option(None, "--mirror", "-m", help="Mirror name or URL for this run."),
+    mirror: MirrorOpt = None,
     wait: bool = typer.Option(False, "--wait", help="Queue behind a running sync instead of exiting 2."),
     publish: Optional[Path] = typer.Option(None, "--publish", help="Also write a files-kind tree "
                                            "(files + manifest) here, for a static web server."),
