@@ -52,7 +52,7 @@ class Settings:
     gradient_checkpointing: bool = False
     learning_rate: float = 2e-4
     prompts: tuple = ()
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
 
     @classmethod
     def from_profile(cls, p) -> "Settings":
@@ -78,7 +78,7 @@ class Settings:
                    accumulation=p.train.gradient_accumulation, seed=p.train.seed,
                    gradient_checkpointing=p.train.gradient_checkpointing,
                    learning_rate=p.train.learning_rate, prompts=tuple(p.sample.prompts),
-                   max_new_tokens=get("sample", "max_new_tokens", 48))
+                   max_new_tokens=get("sample", "max_new_tokens", 64))
 
 
 def resolve_base(model: str) -> Path:
