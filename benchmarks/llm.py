@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/llm.py                       # CPU, "small" Llama, one run each
     .venv/bin/python benchmarks/llm.py --size tiny --examples 64
     .venv/bin/python benchmarks/llm.py --quantize 4bit       # QLoRA on both sides (GPU or CPU)
+    .venv/bin/python benchmarks/llm.py --size 0.5b --arch qwen2 [--quantize 4bit]  # on a GPU
 
 Both sides train the same model (built from a config by `loracli.llm.tinyllm`, random weights),
 on the same chat records, with the same settings: LoRA r 8, alpha 16, dropout 0.1 on
@@ -151,7 +152,8 @@ def child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--size", default="small", choices=("tiny", "small", "0.5b"),
+                        help="model shape; 0.5b (Qwen2.5-0.5B's shape, random weights) is for a GPU")
     parser.add_argument("--arch", default="llama", choices=("llama", "qwen2"))
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)

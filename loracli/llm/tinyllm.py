@@ -53,9 +53,10 @@ def train_tokenizer():
                                    model_max_length=2048)
 
 
-SIZES = {  # hidden, intermediate, layers, heads, kv heads
-    "tiny": (64, 128, 2, 4, 2),      # the tests and the demo: trains in seconds on a CPU
-    "small": (256, 688, 4, 8, 4),    # benchmarks: big enough that the step, not overhead, counts
+SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocabulary (0: the tokenizer's)
+    "tiny": (64, 128, 2, 4, 2, 0),         # the tests and the demo: trains in seconds on a CPU
+    "small": (256, 688, 4, 8, 4, 0),       # CPU benchmarks: the step, not overhead, counts
+    "0.5b": (896, 4864, 24, 14, 2, 151936),  # Qwen2.5-0.5B's shape (GPU benchmarks)
 }
 
 
@@ -69,8 +70,9 @@ def config(arch: str, vocab_size: int, tokenizer=None, size: str = "tiny"):
     if tokenizer is not None:
         ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    hidden, intermediate, layers, heads, kv = SIZES[size]
-    return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+    hidden, intermediate, layers, heads, kv, vocab = SIZES[size]
+    return cls(vocab_size=max(vocab, vocab_size), hidden_size=hidden,
+               intermediate_size=intermediate,
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                max_position_embeddings=2048, tie_word_embeddings=False, **ids)
 
