@@ -34,16 +34,21 @@ def records(n: int = 24, questions=QUESTIONS, start: int = 0) -> list[dict]:
             for i in range(n)]
 
 
+RESULT = "answers.json"  # written last: a demo folder without it is continued, not replaced
+
+
 @dataclass
 class DemoResult:
     folder: Path
     data: Path
     run: Path
-    peft: Path
-    gguf: Path
     steps: int
-    base_loss: float
-    lora_loss: float
+    status: str = "finished"                      # or "interrupted" (Ctrl+C): run it again
+    resumed_from: int | None = None
+    peft: Path | None = None
+    gguf: Path | None = None
+    base_loss: float | None = None
+    lora_loss: float | None = None
     answers: list = field(default_factory=list)   # [{"prompt", "base", "lora"}]
 
     def to_dict(self) -> dict:
@@ -83,12 +88,25 @@ def compare(run_dir: Path, export_dir: Path, held_out: list[dict]) -> tuple[floa
     return scores["base_eval_loss"], scores["eval_loss"], answers
 
 
+def unfinished(folder: Path) -> bool:
+    """A demo stopped before its answers: its run is continued, not replaced."""
+    from loracli.demo import MARKER
+
+    folder = Path(folder)
+    return ((folder / MARKER).is_file() and (folder / "run" / "run.json").is_file()
+            and not (folder / RESULT).is_file())
+
+
 def run(folder: Path, on_step: Callable[[dict], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
         on_warning: Callable[[str], None] | None = None, stop=None,
-        max_steps: int | None = None) -> DemoResult:
-    """The whole LLM demo in `folder`; returns where everything is. Never touches the network."""
-    from loracli import models, profiles, training
+        max_steps: int | None = None, on_start: Callable[[dict], None] | None = None,
+        on_status: Callable[[str], None] | None = None) -> DemoResult:
+    """The whole LLM demo in `folder`; returns where everything is. Never touches the network.
+
+    Stopped by Ctrl+C it returns with status "interrupted"; run again on the same folder it
+    continues its run from the last checkpoint."""
+    from loracli import jobs, launch, models, profiles, training
     from loracli.demo import prepare_folder
     from loracli.llm import runexport
 
@@ -96,25 +114,40 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     folder = Path(folder).resolve()
     stage("fetch: building tiny-llama into the model cache (offline, deterministic)")
     models.install_tiny("tiny-llama")
-    prepare_folder(folder)
     data = folder / "data" / "pirate.jsonl"
-    data.parent.mkdir(parents=True)
-    data.write_text("".join(json.dumps(r) + "\n" for r in records()), "utf-8")
     steps = max_steps or STEPS
-    stage(f"data: {len(records())} chat records in {data}; every answer sounds like a pirate")
     profile = profiles.parse(profile_data(data, folder / "run", steps), name="llm-demo")
-    stage(f"train: {steps} steps of LoRA rank 8 on tiny-llama")
-    run_dir, _ = training.start(profile, restart=False, on_warning=on_warning)
-    result = training.run(run_dir, on_step=on_step, on_warning=on_warning, stop=stop)
+    run_dir, resumed = None, False
+    if unfinished(folder):
+        try:
+            run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
+        except LoraError:  # other settings this time (--steps): start the demo again
+            run_dir = None
+    if run_dir is None:
+        prepare_folder(folder)
+        data.parent.mkdir(parents=True)
+        data.write_text("".join(json.dumps(r) + "\n" for r in records()), "utf-8")
+        stage(f"data: {len(records())} chat records in {data}; every answer sounds like a pirate")
+        run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
+    job = jobs.Job(run_dir, launch.Layout(), resumed,
+                   jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
+    stage(f"train: continuing the demo's run from step {job.start_step}" if resumed else
+          f"train: {steps} steps of LoRA rank 8 on tiny-llama")
+    result = jobs.train(job, on_step=on_step, on_warning=on_warning, stop=stop,
+                        on_start=on_start, on_status=on_status)
+    done = DemoResult(folder, data, run_dir, result.step,
+                      resumed_from=job.start_step if resumed else None)
     if result.status == "interrupted":
-        raise LoraError(f"demo stopped at step {result.step}",
-                        f"continue the training with `lora resume {run_dir}`")
+        done.status = "interrupted"
+        return done
     stage("export: a peft adapter (transformers, vLLM) and a GGUF adapter (llama.cpp, Ollama)")
-    peft = runexport.export(run_dir, "peft", dtype="fp32", force=True).path
-    gguf = runexport.export(run_dir, "gguf", force=True).path
+    done.peft = runexport.export(run_dir, "peft", dtype="fp32", force=True).path
+    done.gguf = runexport.export(run_dir, "gguf", force=True).path
     held = [{"messages": [{"role": "user", "content": q},
                           {"role": "assistant", "content": answer(i)}]}
             for i, q in enumerate(HELD_OUT)]
-    base_loss, lora_loss, answers = compare(run_dir, peft, held)
-    return DemoResult(folder, data, run_dir, peft, gguf, result.step, base_loss, lora_loss,
-                      answers)
+    done.base_loss, done.lora_loss, done.answers = compare(run_dir, done.peft, held)
+    from loracli import atomic
+
+    atomic.write_json(folder / RESULT, done.to_dict())
+    return done
