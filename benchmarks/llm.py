@@ -153,7 +153,7 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="small", choices=("tiny", "small", "0.5b"),
-                        help="model shape; 0.5b (Qwen2.5-0.5B's shape, random weights) is for a GPU")
+                        help="model shape; 0.5b (Qwen2.5-0.5B's shape, random weights): a GPU")
     parser.add_argument("--arch", default="llama", choices=("llama", "qwen2"))
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)

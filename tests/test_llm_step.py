@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 def encoded(folder, train_on_prompt=False):
     tok = causal.load_tokenizer(folder)
     examples = [data.parse(r, f"t:{i}")[0] for i, r in enumerate(CHAT)]
-    return tok, templates.Encoder(tok, templates.resolve(tok), 256, train_on_prompt).encode_all(examples)
+    encoder = templates.Encoder(tok, templates.resolve(tok), 256, train_on_prompt)
+    return tok, encoder.encode_all(examples)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

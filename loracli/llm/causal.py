@@ -22,7 +22,8 @@ def quantization_config(quantize: str, compute_dtype):
     if not quantize:
         return None
     if quantize not in QUANTIZE:
-        raise LoraError(f"unknown model.quantize {quantize!r}", "set model.quantize to \"\" or \"4bit\"")
+        raise LoraError(f"unknown model.quantize {quantize!r}",
+                        "set model.quantize to \"\" or \"4bit\"")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -63,7 +64,8 @@ def load_base(folder: Path, quantize: str = "", device: str = "cpu", dtype=None)
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as e:
         raise LoraError(f"{folder}: cannot load it as a causal language model ({e})",
-                        "check model.base; `lora fetch ORG/NAME` puts a model in the cache") from None
+                        "check model.base; `lora fetch ORG/NAME` puts a model in the cache"
+                        ) from None
     if q is None:
         model.to(device)
     elif str(device) == "cpu":
@@ -188,10 +190,11 @@ def generate(model, tokenizer, template: str, prompts, stop_ids, max_new_tokens:
                           add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids)
-                                     .to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
-                                     use_cache=True)
+                out = model.generate(input_ids=ids.to(device),
+                                     attention_mask=torch.ones_like(ids).to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=list(stop_ids),
+                                     pad_token_id=tokenizer.pad_token_id, use_cache=True)
             answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     finally:
         model.train(was_training)

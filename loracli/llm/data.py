@@ -172,7 +172,8 @@ def parse(record, source: str, format: str = "auto") -> tuple[Example | None, st
 def load(path: str | Path, format: str = "auto") -> list[Example]:
     """Every example under `path`, in file and line order; all problems raised together."""
     if format not in FORMATS:
-        raise LoraError(f"unknown data format {format!r}", "set data.format to " + " | ".join(FORMATS))
+        raise LoraError(f"unknown data format {format!r}",
+                        "set data.format to " + " | ".join(FORMATS))
     examples, problems = [], []
     for f in files(path):
         for line, record in _records(f, problems):

@@ -30,7 +30,8 @@ def inspect_gguf(path: str | Path) -> dict:
         reader = gguf.GGUFReader(str(path))
     except (OSError, ValueError) as e:
         raise LoraError(f"{path}: not a readable GGUF file ({e})",
-                        "pass a .gguf written by `lora export --format gguf` or llama.cpp") from None
+                        "pass a .gguf written by `lora export --format gguf` or llama.cpp"
+                        ) from None
     meta = {name: _value(field) for name, field in reader.fields.items()
             if not name.startswith("GGUF.")}
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":

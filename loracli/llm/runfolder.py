@@ -29,7 +29,8 @@ def is_causal_lm(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text("utf-8"))
     except (OSError, ValueError):
         return False
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+    architectures = config.get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 def wants(profile) -> bool:

@@ -82,7 +82,8 @@ def render(tokenizer, template: str, messages, add_generation_prompt: bool = Fal
     except Exception as e:  # jinja's TemplateError, or raise_exception() inside the template
         raise LoraError(f"the chat template failed on a conversation: {e}",
                         "check the roles in your data (some templates allow no system message "
-                        "or need user/assistant turns to alternate), or set data.template") from None
+                        "or need user/assistant turns to alternate), or set data.template"
+                        ) from None
 
 
 def end_of_turn(tokenizer, template: str) -> tuple[str, int]:
