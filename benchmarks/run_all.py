@@ -29,6 +29,7 @@ FULL = [
     ("fetch", ["fetch.py", "--mb", "500", "--rounds", "3"]),
     ("caption", ["caption.py", "--images", "64"]),
     ("training", ["train.py"]),
+    ("loop overhead", ["overhead.py"]),
     ("resume", ["resume.py"]),
 ]
 

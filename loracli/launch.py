@@ -166,18 +166,21 @@ def command(run_dir: Path, where: Layout, extra_steps: int = 0, until_step: int 
 
 def train(run_dir: Path, processes: int | Layout = 1, on_step: Callable | None = None,
           on_warning: Callable | None = None, stop=None, extra_steps: int = 0,
-          until_step: int = 0, keep_fds: tuple[int, ...] = ()):
+          until_step: int = 0, keep_fds: tuple[int, ...] = (), on_start: Callable | None = None,
+          on_status: Callable | None = None):
     """Train `run_dir` on `processes` (a count on this machine, or a `Layout`).
 
     Returns `training.Result`. `keep_fds` are passed to the launcher (the run lock: it stays
-    held while the workers live, even if this process is killed).
+    held while the workers live, even if this process is killed). `on_start`/`on_status` are
+    called in-process only (workers report steps through plain lines).
     """
     from loracli import training
 
     where = processes if isinstance(processes, Layout) else Layout(processes=processes)
     if where.world_size <= 1:
         return training.run(run_dir, on_step=on_step, on_warning=on_warning, stop=stop,
-                            extra_steps=extra_steps, until_step=until_step)
+                            extra_steps=extra_steps, until_step=until_step, on_start=on_start,
+                            on_status=on_status)
     with tempfile.TemporaryDirectory(prefix="lora-launch-") as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = command(run_dir, where, extra_steps, until_step, result_file)

@@ -46,3 +46,37 @@ def write(metrics_path: Path, png_path: Path) -> Path | None:
     fig.savefig(buf, format="png")
     atomic.write_bytes(png_path, buf.getvalue())
     return Path(png_path)
+
+
+class Redrawer:
+    """Redraws loss.png in a background thread, so a checkpoint does not wait for matplotlib.
+
+    `redraw()` starts a drawing (after the previous one ends); `wait()` ends the last one and
+    raises what it raised (an OSError from a full disk, say).
+    """
+
+    def __init__(self, metrics_path: Path, png_path: Path):
+        self.paths = (Path(metrics_path), Path(png_path))
+        self.thread = None
+        self.error: BaseException | None = None
+
+    def _draw(self) -> None:
+        try:
+            write(*self.paths)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self.error = e
+
+    def redraw(self) -> None:
+        import threading
+
+        self.wait()
+        self.thread = threading.Thread(target=self._draw, name="lora-plot", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error

@@ -1,42 +1,26 @@
-"""A run folder and its checkpoints: the contract between `train`, `resume` and `export`.
+"""A run folder: the contract between `train`, `resume` and `export`.
 
     output/anime/
       profile.toml                 the resolved profile, frozen at start
       run.json                     base model facts: {"base": {...}, "started_at", "lora_version"}
       dataset.json                 {"num_images", "tag_frequency": {folder: {tag: count}}, ...}
-      checkpoints/step-000100/
-        unet/adapter_model.safetensors, unet/adapter_config.json          (peft format)
-        text_encoder[_2]/adapter_model.safetensors, …/adapter_config.json (when trained)
-        state.json                 {"step", "epoch", …, "files": {relative path: sha256}}
-        COMPLETE                   written last; a checkpoint without it is ignored
+      checkpoints/step-000100/     layout, writing and reading: `loracli.checkpoints`
       logs/metrics.jsonl, loss.png, samples/
+
+The checkpoint names below are re-exported from `loracli.checkpoints`, their one home, for the
+callers that know a run rather than a checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from loracli.checkpoints import (MARKER, Checkpoint, checkpoint_dir, latest,  # noqa: F401
+                                 pickled_files, scan as checkpoints, verify)
 from loracli.errors import LoraError
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-MARKER = "COMPLETE"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    path: Path
-    complete: bool
-    problem: str | None = None  # why it cannot be trusted, when not complete
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+from loracli.hashing import sha256_file  # noqa: F401 (sync imports it from here)
 
 
 def resolve(run: str) -> Path:
@@ -58,68 +42,6 @@ def resolve(run: str) -> Path:
                         f"start it with `lora train --profile {run}`")
     raise LoraError(f"{run}: not a run folder (no run.json or checkpoints/)",
                     "pass the run's output folder, e.g. `output/anime`, or a profile name")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify(path: Path, deep: bool = True) -> str | None:
-    """None when the checkpoint is complete and intact, else what is wrong with it."""
-    if not (path / MARKER).is_file():
-        return "no COMPLETE marker (interrupted while saving)"
-    try:
-        state = json.loads((path / "state.json").read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        return f"state.json unreadable ({type(e).__name__})"
-    for rel, digest in state.get("files", {}).items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} missing"
-        if deep and sha256_file(f) != digest:
-            return f"{rel} does not match its sha256 (truncated or corrupt)"
-    return None
-
-
-def checkpoints(run_dir: Path, deep: bool = True) -> list[Checkpoint]:
-    """Every checkpoint folder of a run, oldest first, each verified."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            m = STEP_DIR.match(child.name)
-            if m and child.is_dir():
-                problem = verify(child, deep=deep)
-                found.append(Checkpoint(int(m.group(1)), child, problem is None, problem))
-    return sorted(found, key=lambda c: c.step)
-
-
-def latest(run_dir: Path, step: int | None = None) -> Checkpoint:
-    """The newest complete checkpoint (or the one at `step`); raises with a hint otherwise."""
-    all_ = checkpoints(run_dir)
-    complete = [c for c in all_ if c.complete]
-    if step is not None:
-        for c in all_:
-            if c.step == step:
-                if not c.complete:
-                    raise LoraError(f"checkpoint at step {step} is incomplete: {c.problem}",
-                                    _steps_hint(complete))
-                return c
-        raise LoraError(f"no checkpoint at step {step} in {run_dir}", _steps_hint(complete))
-    if not complete:
-        raise LoraError(f"{run_dir}: no complete checkpoint",
-                        "train longer than save_steps, or lower train.save_steps")
-    return complete[-1]
-
-
-def _steps_hint(complete: list[Checkpoint]) -> str:
-    if not complete:
-        return "this run has no complete checkpoint yet"
-    return "complete checkpoints: " + ", ".join(str(c.step) for c in complete)
 
 
 def info(run_dir: Path) -> dict:
@@ -225,10 +147,22 @@ def pick_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Checkpoint | 
     for c in found:
         if not c.complete and (not complete or c.step > complete[-1].step):
             warn(f"skipping checkpoint {c.path.name}: {c.problem}")
+    restart = (f"`lora train --profile {_profile_name(run_dir)} --restart` (or your --config "
+               "file with --restart) starts the run again")
     if found and not complete:
-        name = info(run_dir).get("profile", "NAME") if (Path(run_dir) / "run.json").is_file() \
-            else "NAME"
         raise LoraError(f"{run_dir}: no complete checkpoint to resume from",
-                        f"`lora train --profile {name} --restart` (or your --config file with "
-                        "--restart) starts the run again; the broken one is kept")
+                        f"{restart}; the broken one is kept")
+    if complete and pickled_files(complete[-1].path):
+        raise LoraError(f"{complete[-1].path} was saved by an older lora in a format that "
+                        "cannot be resumed safely (its optimizer, scheduler and RNG state are "
+                        "pickles, which lora never loads)",
+                        f"{restart}; the old run is kept, and `lora export {run_dir}` still "
+                        "exports its LoRA")
     return complete[-1] if complete else None
+
+
+def _profile_name(run_dir: Path) -> str:
+    try:
+        return info(run_dir).get("profile", "NAME")
+    except (LoraError, ValueError):
+        return "NAME"

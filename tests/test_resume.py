@@ -57,14 +57,13 @@ def _final(run_dir):
 
 def _assert_identical(run_dir, reference):
     a, b = _final(run_dir), _final(reference)
-    for rel in ("unet/adapter_model.safetensors", "optimizer.pt"):
-        if rel.endswith(".safetensors"):  # bit for bit: the same file bytes
-            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    rel = "unet/adapter_model.safetensors"  # bit for bit: the same file bytes
+    assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     import torch
+    from safetensors.torch import load_file
 
-    oa = torch.load(a / "optimizer.pt", weights_only=False)["state"]
-    ob = torch.load(b / "optimizer.pt", weights_only=False)["state"]
-    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    oa, ob = load_file(a / "optimizer.safetensors"), load_file(b / "optimizer.safetensors")
+    assert sorted(oa) == sorted(ob) and all(torch.equal(oa[k], ob[k]) for k in oa)
     ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert any(v.abs().sum() > 0 for k, v in ta.items() if "lora_B" in k)  # it did train
     assert all(torch.equal(ta[k], tb[k]) for k in tb)
@@ -108,7 +107,7 @@ def test_three_resumes_in_a_row_give_the_same_adapter(setup):
     root = setup["root"]
     out = root / "stopped"
     run_dir, _ = runs.start(profiles.load(str(_profile(root, setup["base"], setup["data"], out))))
-    seen = []
+    seen, starts, statuses = [], [], []
     for stop_at in (3, 5, 7, None):  # odd steps: off the save_steps grid, saved because stopped
         stop = training.StopFlag()
 
@@ -117,10 +116,26 @@ def test_three_resumes_in_a_row_give_the_same_adapter(setup):
             if stop_at and m["step"] == stop_at - 1:  # as a Ctrl+C during step `stop_at` would
                 stop.requested = True
 
-        result = training.run(run_dir, on_step=on_step, stop=stop)
+        result = training.run(run_dir, on_step=on_step, stop=stop, on_start=starts.append,
+                              on_status=statuses.append)
         assert result.status == ("finished" if stop_at is None else "interrupted")
         assert result.step == (stop_at or STEPS)
     assert seen == list(range(1, STEPS + 1))
+    # the run says where it continues, and its metrics read as one uninterrupted run
+    assert [(i["start_step"], i["resumed"]) for i in starts] == \
+        [(0, False), (3, True), (5, True), (7, True)]
+    assert set(starts[0]) == {"run", "profile", "family", "base", "images", "resolution",
+                              "batch_size", "max_steps", "start_step", "resumed", "processes"}
+    assert (starts[0]["images"], starts[0]["max_steps"], starts[0]["family"]) == (5, STEPS, "sd1")
+    assert [s for s in statuses if s.startswith("resuming")] == \
+        ["resuming from step 3", "resuming from step 5", "resuming from step 7"]
+    assert "loading the model" in statuses
+    rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in
+           (setup["reference"] / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_smooth"] for r in rows] == [r["loss_smooth"] for r in ref]
+    elapsed = [r["elapsed"] for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[3] > elapsed[2]  # no reset at a resume
     state = json.loads((_final(run_dir) / "state.json").read_text())
     assert state["step"] == STEPS and state["micro_batches"] == 2 * STEPS
     assert state["epoch"] == 2 * STEPS // 3  # 5 images, batch 2: 3 batches per epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,9 @@ def _save(run, step, keep=3):
     import torch
 
     sd = {"a.lora_A.weight": torch.full((4, 8), float(step)), "a.lora_B.weight": torch.zeros(8, 4)}
-    trainer = {"optimizer": {"state": {}, "step": step}, "scheduler": {"last_epoch": step},
+    optimizer = {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.ones(4, 8)}},
+                 "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
+    trainer = {"optimizer": optimizer, "scheduler": {"last_epoch": step, "_last_lr": [1e-4]},
                "rng": {"torch": torch.get_rng_state()}}
     return checkpoints.save(run, step, {"unet": (sd, Config())}, trainer, {"epoch": 0}, keep)
 
@@ -35,12 +38,19 @@ def test_save_writes_the_contract_layout_and_load_reads_it_back(tmp_path):
     state = json.loads((path / "state.json").read_text())
     assert state["step"] == 5 and state["epoch"] == 0
     assert set(state["files"]) == {"unet/adapter_model.safetensors", "unet/adapter_config.json",
-                                   "optimizer.pt", "scheduler.pt", "rng.pt"}
+                                   "optimizer.json", "optimizer.safetensors", "scheduler.json",
+                                   "rng.json", "rng.safetensors"}
+    assert not list(path.rglob("*.pt")) and state["format"] == 2
     config = json.loads((path / "unet" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["to_k", "to_q"] and config["lora_alpha"] == 8
     loaded = checkpoints.load(path)
     assert loaded["adapters"]["unet"]["a.lora_A.weight"][0, 0] == 5.0
-    assert loaded["optimizer"]["step"] == 5 and loaded["scheduler"]["last_epoch"] == 5
+    assert loaded["optimizer"]["state"][0]["step"].item() == 5.0
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert loaded["scheduler"] == {"last_epoch": 5, "_last_lr": [1e-4]}
+    import torch
+
+    assert torch.equal(loaded["rng"]["torch"], torch.get_rng_state())
 
 
 def test_keeps_the_newest_n_and_never_the_only_complete_one(tmp_path):
@@ -91,6 +101,28 @@ def test_a_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
         _save(tmp_path, 1)
     assert "keep_checkpoints" in e.value.hint
     assert runs.checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free at least"),
+                                          (errno.EACCES, "writable")])
+def test_a_write_error_while_saving_keeps_the_last_checkpoint_and_says_what_to_do(
+        tmp_path, monkeypatch, code, words):
+    _save(tmp_path, 2)
+    real, calls = checkpoints._fsynced, []
+
+    def failing(path, data):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoints, "_fsynced", failing)
+    with pytest.raises(LoraError) as e:
+        _save(tmp_path, 4)
+    assert "checkpoint step-000004" in e.value.message and words in e.value.hint
+    assert f"lora resume {tmp_path}" in e.value.hint
+    assert runs.latest(tmp_path).step == 2 and checkpoints.load(runs.latest(tmp_path).path)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def test_first_ctrl_c_asks_to_stop_the_second_aborts():
