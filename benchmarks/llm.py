@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/llm.py --quantize 4bit       # QLoRA on both sides (GPU or CPU)
     .venv/bin/python benchmarks/llm.py --size 0.5b --arch qwen2 [--quantize 4bit]  # on a GPU
 
-Both sides train the same model (built from a config by `loracli.llm.tinyllm`, random weights),
+Our side is `lora train` itself (`runs.start` + `training.run`, the step times of its metrics,
+leaving out setup and the final checkpoint). Both sides train the same model (built from a config by `loracli.llm.tinyllm`, random weights),
 on the same chat records, with the same settings: LoRA r 8, alpha 16, dropout 0.1 on
 q_proj/v_proj, AdamW lr 2e-4 constant, batch 8, one epoch, max length 256, loss on the answers
 only, no packing. Ours groups batches by length (its default); TRL runs twice, with its default
@@ -62,38 +63,37 @@ def peak_memory_mib(device) -> float:
 
 
 def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
+    """`lora train`'s own code path (runs.start + training.run) on the same model and data."""
+    import math
+
     import torch
 
-    from loracli.llm import task as llm_task
-    from loracli.training import seed_from
+    from loracli import profiles, runs, training
+    from loracli.llm import causal, templates
+    from loracli.llm import data as llm_data
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    settings = llm_task.Settings(base=str(model_dir), data_dir=str(data), max_length=256,
-                                 batch_size=args.batch, learning_rate=2e-4, seed=42,
-                                 quantize=args.quantize, gradient_checkpointing=args.checkpointing)
-    task = llm_task.CausalLMTask(work / "run", settings, device=device)
-    opt = torch.optim.AdamW(task.param_groups(), weight_decay=0.0)
-    task.model.train()
-    steps = task.batches_per_epoch
-    tokens = sum(len(e.ids) for e in task.encoded)
-    start = time.perf_counter()
-    for step in range(steps):
-        torch.manual_seed(seed_from(42, step, 0, 2))
-        batch = task.micro_batch(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = task.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    padded = sum(int(task.micro_batch(m)["input_ids"].numel()) for m in range(steps))
-    return {"side": "lora (CausalLMTask)", "steps": steps, "tokens": tokens,
-            "padded_tokens": padded,
+    tokenizer = causal.load_tokenizer(model_dir)
+    encoded = templates.Encoder(tokenizer, templates.resolve(tokenizer), 256).encode_all(
+        llm_data.load(data))
+    steps = math.ceil(len(encoded) / args.batch)
+    profile = profiles.parse({
+        "model": {"base": str(model_dir), "quantize": args.quantize},
+        "data": {"dir": str(data), "max_length": 256},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.1, "targets": ["q_proj", "v_proj"]},
+        "train": {"max_steps": steps, "batch_size": args.batch, "learning_rate": 2e-4,
+                  "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "mixed_precision": "bf16" if device.type == "cuda" else "no",
+                  "gradient_checkpointing": args.checkpointing, "seed": 42,
+                  "save_steps": 10_000_000, "output_dir": str(work / "run")}}, name="bench")
+    run_dir, _ = runs.start(profile)
+    rows = []
+    result = training.run(run_dir, on_step=rows.append)
+    seconds = sum(r["seconds"] for r in rows)
+    tokens = sum(len(e.ids) for e in encoded)
+    return {"side": "lora train (training.run)", "steps": len(rows), "tokens": tokens,
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "peak_mib": round(peak_memory_mib(device), 1), "last_loss": round(float(loss), 4)}
+            "peak_mib": round(peak_memory_mib(device), 1), "last_loss": round(result.loss, 4)}
 
 
 def run_trl_grouped(args, model_dir: Path, data: Path, work: Path) -> dict:
