@@ -99,3 +99,27 @@ def test_fetch_train_kill_resume_export_load(tmp_path, cli):
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_the_readme_walkthrough_with_the_tiny_model(tmp_path, cli, monkeypatch):
+    """README "Language models": the same commands, with tiny-llama for qwen2.5-0.5b-instruct."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data" / "chat.jsonl", pirate_records(16))
+    assert cli("fetch", "tiny-llama").exit_code == 0
+    assert cli("profile", "new", "my-chat", "--from", "chat").exit_code == 0
+    r = cli("train", "--profile", "my-chat", "--set", "data.dir=./data/chat.jsonl",
+            "--set", "model.base=tiny-llama", "--set", "train.max_steps=4",
+            "--set", "train.mixed_precision=no", "--set", "data.eval_split=0.25", "--json")
+    assert r.exit_code == 0, r.output
+    trained = json.loads(r.stdout)
+    assert trained["status"] == "finished" and trained["eval"]["eval_tokens"] > 0
+    r = cli("resume", "my-chat", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "already-finished"
+    for fmt, name in (("peft", "my-chat-peft"), ("merged", "my-chat-merged"),
+                      ("gguf", "my-chat-lora.gguf")):
+        args = ("export", "my-chat") + (("--format", fmt) if fmt != "peft" else ())
+        r = cli(*args, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["path"].endswith(f"output/my-chat/{name}")
+    r = cli("inspect", "output/my-chat/my-chat-lora.gguf", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["format"] == "gguf"
