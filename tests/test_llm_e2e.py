@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from llm_fixtures import pirate_records, write_jsonl
@@ -123,3 +124,23 @@ def test_the_readme_walkthrough_with_the_tiny_model(tmp_path, cli, monkeypatch):
         assert json.loads(r.stdout)["path"].endswith(f"output/my-chat/{name}")
     r = cli("inspect", "output/my-chat/my-chat-lora.gguf", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["format"] == "gguf"
+
+
+def test_qlora_through_the_cli(tmp_path, cli, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data" / "chat.jsonl", pirate_records(8))
+    assert cli("fetch", "tiny-llama").exit_code == 0
+    r = cli("train", "--profile", "chat-qlora", "--set", "data.dir=./data/chat.jsonl",
+            "--set", "model.base=tiny-llama", "--set", "train.max_steps=2",
+            "--set", "train.mixed_precision=no", "--set", "train.gradient_accumulation=1",
+            "--set", "data.eval_split=0.25", "--json")
+    assert r.exit_code == 0, r.output
+    run = json.loads(r.stdout)
+    assert json.loads((tmp_path / "output" / "chat-qlora" / "run.json").read_text())["base"][
+        "quantize"] == "4bit"
+    assert run["eval"]["eval_loss"] < run["eval"]["base_eval_loss"]  # it trained in 4 bit
+    r = cli("export", "chat-qlora", "--format", "merged", "--json")
+    assert r.exit_code == 0, r.output
+    config = json.loads((Path(json.loads(r.stdout)["path"]) / "config.json").read_text())
+    assert "quantization_config" not in config  # merged into the full-precision base
