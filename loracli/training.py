@@ -3,8 +3,9 @@
 `runs.start(profile)` makes (or finds) the run folder; `run(run_dir)` trains it from its newest
 complete checkpoint to the end: `_setup` builds everything, `_loop` reads top to bottom.
 
-What is trained on is a *task*; the loop knows nothing else about the model or the data. Today
-`loracli.diffusion.DiffusionTask` (a diffusion model's denoiser); a task has:
+What is trained on is a *task*; the loop knows nothing else about the model or the data:
+`loracli.diffusion.DiffusionTask` (a diffusion model's denoiser) or `loracli.llm.task.
+CausalLMTask` (a language model, for runs whose run.json says causal-lm); a task has:
 
     modules              {name: nn.Module} with LoRA layers injected (their LoRA parameters
                          require grad, nothing else does); the loop wraps them for DDP
@@ -20,6 +21,7 @@ What is trained on is a *task*; the loop knows nothing else about the model or t
     adapter_state()      {name: (peft state dict, LoraConfig)}: what a checkpoint stores
     load_adapter_state(d) the reverse, {name: state dict}
     samples(step)        paths of sample outputs made now (main process, at [sample] steps)
+    evaluate()           optional: held-out figures ({"eval_loss", …}) recorded at checkpoints
 
 Resume is exact because nothing in a step depends on hidden state: batches and LoRA dropout are
 functions of (seed, micro-batch); a checkpoint carries the adapter, optimizer, scheduler, step,
