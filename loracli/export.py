@@ -54,6 +54,12 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
            output: str | Path | None = None, name: str | None = None, force: bool = False,
            weight: float = 1.0, keep_paths: bool = False) -> ExportResult:
     """Write one export of `run` (a run folder or a profile name); returns where and what."""
+    from loracli.llm import runexport, runfolder
+
+    run_dir = runs.resolve(str(run))
+    if runfolder.is_llm_run(run_dir):  # a language model: peft (the default), merged or gguf
+        return runexport.export(run_dir, "peft" if format == "kohya" else format, step, dtype,
+                                output, name, force, weight, keep_paths)
     if format not in FORMATS:
         raise LoraError(f"unknown format {format!r}", "use --format " + "|".join(FORMATS))
     if dtype not in DTYPES:

@@ -22,6 +22,10 @@ class _Shape:
 def inspect_lora(path: str | Path) -> dict:
     """Format, ranks, alphas, base model version, module counts and metadata of a LoRA file."""
     path = Path(path).expanduser()
+    if path.suffix.lower() == ".gguf":  # a llama.cpp LoRA adapter of a language model
+        from loracli.llm.inspection import inspect_gguf
+
+        return inspect_gguf(path)
     files = _files(path)
     entries, metadata, fmt, dtypes, size = [], {}, None, Counter(), 0
     for file, component in files:

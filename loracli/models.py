@@ -47,6 +47,15 @@ DIT_INCLUDE = (
     "vae/*.json", "vae/*.safetensors",
 )
 OPEN_CLIP_INCLUDE = ("open_clip_config.json", "open_clip_model.safetensors")
+# A transformers causal LM: configs, safetensors shards and their index, every tokenizer file
+# and the chat template; never pickled weights (*.bin, *.pt, *.pth) or other runtimes' copies.
+CAUSAL_LM_INCLUDE = (
+    "config.json", "generation_config.json",
+    "model*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+)
 
 
 @dataclass(frozen=True)
@@ -84,11 +93,25 @@ ALIASES: dict[str, Alias] = {
     # finds the weights offline.
     "clip-vit-l-14": Alias("timm/vit_large_patch14_clip_224.openai", OPEN_CLIP_INCLUDE,
                            "CLIP ViT-L/14 (OpenAI) for open_clip: what `lora caption` uses"),
+    "qwen2.5-0.5b-instruct": Alias("Qwen/Qwen2.5-0.5B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Qwen2.5 0.5B Instruct (chat LLM, 1 GB)"),
+    "qwen2.5-1.5b-instruct": Alias("Qwen/Qwen2.5-1.5B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Qwen2.5 1.5B Instruct (chat LLM, 3 GB)"),
+    "qwen3-0.6b": Alias("Qwen/Qwen3-0.6B", CAUSAL_LM_INCLUDE, "Qwen3 0.6B (chat LLM, 1.5 GB)"),
+    "llama-3.2-1b-instruct": Alias("meta-llama/Llama-3.2-1B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Llama 3.2 1B Instruct (gated: accept the licence, set "
+                                   "HF_TOKEN)"),
+    "llama-3.1-8b-instruct": Alias("meta-llama/Llama-3.1-8B-Instruct", CAUSAL_LM_INCLUDE,
+                                   "Llama 3.1 8B Instruct (gated; QLoRA fits 24 GB)"),
     "tiny-sd": Alias("loracli/tiny-sd", ("*",), "a tiny SD1-shaped pipeline, built locally",
                      local=True),
+    "tiny-llama": Alias("loracli/tiny-llama", ("*",), "a tiny Llama chat model (ChatML), built "
+                        "locally", local=True),
+    "tiny-qwen2": Alias("loracli/tiny-qwen2", ("*",), "a tiny Qwen2 chat model (ChatML), built "
+                        "locally", local=True),
 }
 OLD_NAMES = {old: alias for alias, a in ALIASES.items() for old in a.old_names}
-TINY = {"tiny-sd": "sd1"}
+TINY = {"tiny-sd": "sd1", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -223,7 +246,7 @@ def _tiny_snapshot(repo_id: str, repo_dir: Path, cache: Path, build_id: str) -> 
     """The cached tiny model when it was built by this version of lora (else it is rebuilt)."""
     commit = commit_for(repo_id, "main", cache)
     snap = repo_dir / "snapshots" / commit if commit else None
-    if snap and (snap / "model_index.json").is_file():
+    if snap and ((snap / "model_index.json").is_file() or (snap / "config.json").is_file()):
         marker = snap / tiny.BUILD_FILE
         if marker.is_file() and marker.read_text("utf-8").strip() == build_id:
             return snap
@@ -240,7 +263,10 @@ def install_tiny(name: str = "tiny-sd") -> Path:
     repo_id = ALIASES[name].repo_id
     cache = paths.cache_dir()
     repo_dir = repo_folder(repo_id, cache)
-    build_id = tiny.build_id()
+    llm = TINY[name] not in tiny.FAMILIES
+    if llm:
+        from loracli.llm import tinyllm
+    build_id = tinyllm.build_id() if llm else tiny.build_id()
     current = _tiny_snapshot(repo_id, repo_dir, cache, build_id)
     if current:
         return current
@@ -250,7 +276,10 @@ def install_tiny(name: str = "tiny-sd") -> Path:
             return current
         build = inside(cache, repo_dir / f".build-{os.getpid()}")
         shutil.rmtree(build, ignore_errors=True)
-        tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
+        if llm:
+            tinyllm.build(build, TINY[name])
+        else:
+            tiny.build_tiny_sd(build, TINY[name], pretrained_unet=True)
         (build / tiny.BUILD_FILE).write_text(build_id + "\n", "utf-8")
         files = sorted(p for p in build.rglob("*") if p.is_file())
         digests = {}

@@ -123,6 +123,13 @@ def start(profile, restart: bool = False,
                     f"profile {profile.name!r} changed since the run in {run_dir} started",
                     hint, details=changed)
             return run_dir, True
+    from loracli.llm import runfolder
+
+    if runfolder.wants(profile):  # a causal language model: its own data and base checks
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "profile.toml", profile.to_toml())
+        runfolder.write_start(run_dir, profile, __version__)
+        return run_dir, False
     base = loading.resolve_base(profile.model.base, profile.model.family,
                                 profile.model.prediction_type, profile.model.vae)
     family = families.get(base.family)

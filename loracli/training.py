@@ -3,8 +3,9 @@
 `runs.start(profile)` makes (or finds) the run folder; `run(run_dir)` trains it from its newest
 complete checkpoint to the end: `_setup` builds everything, `_loop` reads top to bottom.
 
-What is trained on is a *task*; the loop knows nothing else about the model or the data. Today
-`loracli.diffusion.DiffusionTask` (a diffusion model's denoiser); a task has:
+What is trained on is a *task*; the loop knows nothing else about the model or the data:
+`loracli.diffusion.DiffusionTask` (a diffusion model's denoiser) or `loracli.llm.task.
+CausalLMTask` (a language model, for runs whose run.json says causal-lm); a task has:
 
     modules              {name: nn.Module} with LoRA layers injected (their LoRA parameters
                          require grad, nothing else does); the loop wraps them for DDP
@@ -20,6 +21,7 @@ What is trained on is a *task*; the loop knows nothing else about the model or t
     adapter_state()      {name: (peft state dict, LoraConfig)}: what a checkpoint stores
     load_adapter_state(d) the reverse, {name: state dict}
     samples(step)        paths of sample outputs made now (main process, at [sample] steps)
+    evaluate()           optional: held-out figures ({"eval_loss", …}) recorded at checkpoints
 
 Resume is exact because nothing in a step depends on hidden state: batches and LoRA dropout are
 functions of (seed, micro-batch); a checkpoint carries the adapter, optimizer, scheduler, step,
@@ -56,11 +58,13 @@ class Result:
     checkpoint: Path | None = None
     loss: float | None = None
     resumed_from: int | None = None
+    eval: dict | None = None    # held-out figures at the last checkpoint, when the task has them
 
     def to_dict(self) -> dict:
         return {"run": str(self.run_dir), "status": self.status, "step": self.step,
                 "max_steps": self.max_steps, "loss": self.loss, "resumed_from": self.resumed_from,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                **({"eval": self.eval} if self.eval else {})}
 
 
 def _quiet(_arg) -> None:
@@ -113,8 +117,14 @@ def _setup(run_dir: Path, warn, status, extra_steps: int, until_step: int) -> Se
         status(f"resuming from step {ckpt.step}")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-    task = DiffusionTask(run_dir, profile, accelerator, weight_dtype, ckpt is not None, warn,
-                         status)
+    from loracli.llm import runfolder
+
+    make_task = DiffusionTask
+    if runfolder.is_llm_run(run_dir):  # a language model (run.json base.family = causal-lm)
+        from loracli.llm.task import CausalLMTask
+
+        make_task = CausalLMTask.for_run
+    task = make_task(run_dir, profile, accelerator, weight_dtype, ckpt is not None, warn, status)
     accum = t.gradient_accumulation
     if state.get("global_batch", task.global_batch) != task.global_batch:
         raise LoraError(f"this run was trained with a global batch of {state['global_batch']} "
@@ -308,6 +318,9 @@ def _checkpoint(s: Setup, step: int, loss_value: float, log: metrics.Log) -> Pat
              "loss_smooth": log.smooth, "elapsed": log.elapsed(),
              "processes": s.accelerator.num_processes, "global_batch": task.global_batch,
              "batches_per_epoch": task.batches_per_epoch, "lora_version": __version__}
+    evaluate = getattr(task, "evaluate", None)  # optional in the task protocol
+    if evaluate is not None:
+        facts["eval"] = s.result.eval = evaluate()
     trainer = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
                "rng": statefiles.rng_states()}
     path = checkpoints.save(s.run_dir, step, task.adapter_state(), trainer, facts,

@@ -17,6 +17,7 @@ class Format(str, Enum):
     diffusers = "diffusers"
     peft = "peft"
     merged = "merged"
+    gguf = "gguf"
 
 
 class Dtype(str, Enum):
@@ -30,7 +31,9 @@ def export(
     format: Format = typer.Option(Format.kohya, "--format", "-f",
                                   help="kohya: WebUI/ComfyUI/diffusers file; diffusers: "
                                        "pytorch_lora_weights.safetensors; peft: adapter folders; "
-                                       "merged: a full pipeline with the LoRA fused in."),
+                                       "merged: a full pipeline with the LoRA fused in. "
+                                       "Language-model runs: peft (their default), merged, "
+                                       "gguf (a llama.cpp/Ollama adapter)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
     dtype: Dtype = typer.Option(Dtype.fp16, "--dtype", help="Tensor precision of the file."),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (file or folder)."),
