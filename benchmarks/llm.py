@@ -70,9 +70,12 @@ def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
 
     import torch
 
-    from loracli import profiles, runs, training
-    from loracli.llm import causal, templates
+    from loracli import profiles
+    from loracli.llm import causal
     from loracli.llm import data as llm_data
+    from loracli.llm import templates
+    from loracli.training import loop as training
+    from loracli.training import runs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = causal.load_tokenizer(model_dir)

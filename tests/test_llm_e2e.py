@@ -39,7 +39,9 @@ def test_fetch_train_kill_resume_export_load(tmp_path, cli):
     from train_fixtures import env, lora_cmd, metrics_steps, wait_for
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loracli import profiles, runs, training
+    from loracli import profiles
+    from loracli.training import loop as training
+    from loracli.training import runs
 
     fetched = cli("fetch", "tiny-llama", "--json")
     assert fetched.exit_code == 0, fetched.output

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def fake_checkpoint(run_dir, step, adapter_state, config, extra=None):
-    """A complete checkpoint in `loracli.runs`' layout holding only the adapter."""
+    """A complete checkpoint in `loracli.training.runs`' layout holding only the adapter."""
     from safetensors.torch import save_file
 
     ckpt = run_dir / "checkpoints" / f"step-{step:06d}"

@@ -92,7 +92,7 @@ def test_stopping_and_resuming_gives_the_same_adapter_bit_for_bit(tmp_path, tiny
     restart from the saved adapter/optimizer, 2 more (the loop's own reseeding per micro-batch)."""
     import torch
 
-    from loracli.denoiser import seed_from
+    from loracli.training.denoiser import seed_from
 
     def train(t, opt, steps):
         t.model.train()

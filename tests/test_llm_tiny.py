@@ -45,7 +45,7 @@ def test_tiny_models_load_with_plain_transformers(arch, cls, request):
 
 
 def test_tiny_llama_installs_into_the_model_cache():
-    from loracli import models
+    from loracli.hub import models
     from loracli.llm import runfolder
     from loracli.llm.task import resolve_base
 
@@ -57,7 +57,7 @@ def test_tiny_llama_installs_into_the_model_cache():
 
 
 def test_llm_aliases_fetch_safetensors_tokenizer_and_template_only():
-    from loracli import models
+    from loracli.hub import models
 
     ref = models.resolve("qwen2.5-0.5b-instruct")
     assert ref.repo_id == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -79,7 +79,7 @@ def test_fetch_an_llm_alias_through_a_mirror_takes_only_what_training_loads(
     from hubserver import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loracli import models
+    from loracli.hub import models
     from loracli.llm import runfolder
 
     upstream = tmp_path / "upstream"

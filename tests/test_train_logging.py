@@ -10,10 +10,12 @@ import struct
 import types
 
 import pytest
-
-from loracli import metrics, profiles, runs, training
-from loracli.errors import LoraError
 from train_fixtures import make_dataset, write_profile
+
+from loracli import profiles
+from loracli.errors import LoraError
+from loracli.training import loop as training
+from loracli.training import metrics, runs
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from loracli import output
-from loracli.options import JsonOpt
+from loracli.ui import output
+from loracli.ui.options import JsonOpt
 
 NEXT_STEPS = """\
 The base was the tiny 64 px model (trained briefly on squares and triangles, never discs), so
@@ -44,7 +44,8 @@ def demo(
     Ctrl+C saves and stops (exit 130); running the same command again continues the run and
     ends with the grid.
     """
-    from loracli import training, trainview
+    from loracli.training import loop as training
+    from loracli.ui import trainview
 
     if llm:
         from loracli.llm import demo as demo_lib

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from loracli import output
-from loracli.options import RunArg
+from loracli.ui import output
+from loracli.ui.options import RunArg
 
 
 class Format(str, Enum):
@@ -46,8 +46,8 @@ def export(
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Export a trained LoRA (default: kohya .safetensors, the WebUI layout, fp16)."""
-    from loracli import compat
-    from loracli import export as exporting
+    from loracli.exporting import compat
+    from loracli.exporting import export as exporting
 
     result = exporting.export(run, format=format.value, step=step, dtype=dtype.value, output=out,
                               name=name, force=force, weight=weight, keep_paths=keep_paths)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loracli import families
-from loracli.families.base import Configs, Family
 from loracli.errors import LoraError
+from loracli.families.base import Configs, Family
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -122,7 +122,7 @@ def check_component(folder: Path, name: str, fix: str, cls: str = "") -> dict:
 
 def check_vae(vae: str) -> dict | None:
     """A `model.vae` override checked like a base; its config (None for a single file)."""
-    from loracli import models
+    from loracli.hub import models
 
     path = Path(vae).expanduser()
     if not path.exists():
@@ -160,7 +160,7 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
 
     A model missing from the cache raises `LoraError` whose hint is the `lora fetch` command.
     """
-    from loracli import models
+    from loracli.hub import models
 
     repo = commit = None
     if _looks_like_path(model):
@@ -254,7 +254,7 @@ def load_components(base: Base, family: Family, vae: str = "") -> dict:
 def _load_vae(vae: str):
     from diffusers import AutoencoderKL
 
-    from loracli import models
+    from loracli.hub import models
 
     check_vae(vae)
     path = Path(vae).expanduser()

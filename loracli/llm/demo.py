@@ -106,9 +106,12 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
 
     Stopped by Ctrl+C it returns with status "interrupted"; run again on the same folder it
     continues its run from the last checkpoint."""
-    from loracli import jobs, launch, models, profiles, training
+    from loracli import profiles
     from loracli.demo import prepare_folder
+    from loracli.hub import models
     from loracli.llm import runexport
+    from loracli.training import jobs, launch
+    from loracli.training import loop as training
 
     stage = on_stage or (lambda _m: None)
     folder = Path(folder).resolve()

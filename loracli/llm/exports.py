@@ -165,7 +165,7 @@ def write_merged(dest: Path, base_folder: Path, state: dict, adapter_config: dic
         model.save_pretrained(str(staging.tmp), safe_serialization=True)
         _save_tokenizer(staging.tmp, tokenizer, template)
         if local_roots:
-            from loracli import provenance
+            from loracli.exporting import provenance
 
             provenance.scrub_config_folder(staging.tmp, public_name, list(local_roots))
     return staging.already

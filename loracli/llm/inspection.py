@@ -1,6 +1,6 @@
 """`lora inspect` for a llama.cpp GGUF LoRA adapter: what `lora inspect --json` reports.
 
-The report has the fields of the image LoRA reports (`loracli.inspection.inspect_lora`), so the
+The report has the fields of the image LoRA reports (`loracli.exporting.inspection.inspect_lora`), so the
 command renders both alike; `base_model_version` is the GGUF architecture the adapter is for.
 """
 

@@ -1,6 +1,6 @@
 """`lora export` for a causal-LM run: a checkpoint as a peft folder, a merged model or GGUF.
 
-Reads the run folder (`loracli.runs`' layout; the adapter in `checkpoints/step-N/model/`), the
+Reads the run folder (`loracli.training.runs`' layout; the adapter in `checkpoints/step-N/model/`), the
 base model from run.json, and the chat template the run trained with (`chat_template.jinja`),
 so every export carries the template and end-of-turn token the model learned.
 """
@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loracli import runs
 from loracli.errors import LoraError
 from loracli.llm.task import COMPONENT, TEMPLATE_FILE, resolve_base
+from loracli.training import runs
 
 FORMATS = ("peft", "merged", "gguf")
 
@@ -62,11 +62,11 @@ def export(run_dir: Path, format: str = "peft", step: int | None = None, dtype: 
            weight: float = 1.0, keep_paths: bool = False) -> Exported:
     """Write one export of an LLM run (peft folder, merged model folder or GGUF adapter).
 
-    The base model is named as `loracli.provenance` names it (repo id, or a local folder's base
+    The base model is named as `loracli.exporting.provenance` names it (repo id, or a local folder's base
     name; the full path only with `keep_paths`), so an export shows no local paths."""
     from safetensors.torch import load_file
 
-    from loracli import provenance
+    from loracli.exporting import provenance
     from loracli.llm import causal, exports, llamacpp
 
     if format not in FORMATS:

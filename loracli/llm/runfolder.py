@@ -1,6 +1,6 @@
 """A causal-LM run folder: how `lora train` tells one apart and how it starts.
 
-The layout is the image runs' (`loracli.runs`): profile.toml, run.json, dataset.json,
+The layout is the image runs' (`loracli.training.runs`): profile.toml, run.json, dataset.json,
 checkpoints/step-N/ (here one component, `model/`, in peft's format), logs/, samples/ (JSONL
 answers), plus `chat_template.jinja`, the template the run trains with. `run.json`'s base has
 `family = "causal-lm"`, which is how `train`, `resume` and `export` tell an LLM run apart.
@@ -53,7 +53,7 @@ def write_start(run_dir: Path, profile, version: str) -> Path:
     commit = base.name if len(base.name) == 40 else None
     repo = None
     if commit:  # a hub-cache snapshot: named by its repo in exports
-        from loracli import models
+        from loracli.hub import models
 
         repo = models.resolve(profile.model.base).repo_id
     atomic.write_json(Path(run_dir) / "dataset.json", {

@@ -1,6 +1,6 @@
 """The causal-LM task: what the training loop trains when the base is a language model.
 
-It answers the loop through the task protocol of `loracli.training` (modules, param_groups,
+It answers the loop through the task protocol of `loracli.training.loop` (modules, param_groups,
 prepared, global_batch, batches_per_epoch, facts, micro_batch, loss, adapter_state,
 load_adapter_state, samples) and adds `evaluate()` (held-out loss and perplexity, base vs LoRA).
 
@@ -89,7 +89,7 @@ def resolve_base(model: str) -> Path:
             raise LoraError(f"{model}: not a transformers model folder (no config.json)",
                             "set model.base to a folder with config.json, or `lora fetch ORG/NAME`")
         return path.resolve()
-    from loracli import models
+    from loracli.hub import models
 
     return models.local_snapshot(model)
 
