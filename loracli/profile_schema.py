@@ -124,6 +124,9 @@ class TrainSection:
     seed: int = _f(42, "random seed; the same seed and data give the same LoRA", min=0, max=2**32 - 1)
     save_steps: int = _f(100, "write a checkpoint every N steps", min=1, max=10_000_000)
     keep_checkpoints: int = _f(3, "newest checkpoints kept on disk", min=1, max=1000)
+    log_with: str = _f("", "also log metrics to tensorboard (files under the run's logs/) or "
+                       "wandb; empty: metrics.jsonl and loss.png only",
+                       choices=("", "tensorboard", "wandb"))
     processes: int = _f(1, "training processes (GPUs) launched through accelerate; on several "
                            "machines, per machine", min=1, max=64)
     num_machines: int = _f(1, "machines training together, each running the same command "

@@ -104,7 +104,7 @@ def tracker(train) -> str | None:
 
     from loracli.errors import LoraError
 
-    kind = getattr(train, "log_with", "") or None
+    kind = train.log_with or None
     if kind is None:
         return None
     if kind not in TRACKERS:
