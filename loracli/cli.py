@@ -110,7 +110,7 @@ def _version(value: bool) -> None:
 
 app = typer.Typer(
     name="lora",
-    help="From a folder of pictures to a LoRA that WebUI, ComfyUI and diffusers load.",
+    help="Your pictures or chat data to a LoRA that WebUI, ComfyUI, diffusers, transformers and llama.cpp load.",
     no_args_is_help=True,
     add_completion=False,  # one installer: `lora completion SHELL`
     pretty_exceptions_enable=False,
@@ -124,7 +124,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    """From a folder of pictures to a LoRA that WebUI, ComfyUI and diffusers load."""
+    """Your pictures or chat data to a LoRA that WebUI, ComfyUI, diffusers, transformers and llama.cpp load."""
 
 
 def _register() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import sys
@@ -36,12 +35,10 @@ def _devices() -> dict:
 
 
 def _accelerate_config() -> str:
-    env = os.environ.get("ACCELERATE_CONFIG_FILE")
-    if env:
-        return env
-    base = os.environ.get("HF_HOME") and Path(os.environ["HF_HOME"])
-    path = (base or paths.hf_home()) / "accelerate" / "default_config.yaml"
-    return str(path) if path.is_file() else "none (single process, or `accelerate config`)"
+    from loracli.training.launch import default_accelerate_config
+
+    path = default_accelerate_config()
+    return str(path) if path else "none (single process, or `accelerate config`)"
 
 
 def _disk(path: Path) -> dict:
@@ -63,6 +60,8 @@ def _mirror(config: dict) -> str:
 
 
 def collect() -> dict:
+    from loracli.hub import mirrors
+
     config = settings.load()
     return {
         "lora": __version__,
@@ -74,5 +73,6 @@ def collect() -> dict:
         "home": str(paths.home()),
         "cache": _disk(paths.cache_dir()),
         "default_mirror": _mirror(config),
-        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "mirror_order": mirrors.summary(),
+        "hf_hub_offline": mirrors.offline(),
     }

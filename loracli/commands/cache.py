@@ -9,7 +9,7 @@ import typer
 
 from loracli.ui import output
 from loracli.ui.hubview import human_size
-from loracli.ui.options import CachedModelArg
+from loracli.ui.options import CachedModelArg, JsonOpt
 
 
 def _model_names(incomplete: str) -> list[str]:
@@ -19,12 +19,11 @@ def _model_names(incomplete: str) -> list[str]:
 
 
 app = typer.Typer(help="The model cache: list, verify (re-hash), rm.", no_args_is_help=True)
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 ModelArg = typer.Argument(..., help="Alias or org/name.", autocompletion=_model_names)
 
 
 @app.command("list")
-def list_(json: bool = JsonOpt) -> None:
+def list_(json: JsonOpt = False) -> None:
     """Models in the cache: size, commit, last sync, and missing files (damaged)."""
     from loracli.hub import modelcache
 
@@ -41,7 +40,7 @@ def list_(json: bool = JsonOpt) -> None:
 def verify(
     model: Optional[str] = typer.Argument(None, help="One model (default: every cached model).",
                                           autocompletion=_model_names),
-    json: bool = JsonOpt,
+    json: JsonOpt = False,
 ) -> None:
     """Re-hash cached files; corrupt ones are deleted so `lora fetch` gets them again. A damaged
     model is reported (exit 1) until it is fetched again."""
@@ -69,7 +68,7 @@ def rm(
     model: CachedModelArg,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (for scripts)."),
-    json: bool = JsonOpt,
+    json: JsonOpt = False,
 ) -> None:
     """Remove a model from the cache (every revision) and stop tracking it. Asks first on a
     terminal; scripts pass --yes."""

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from loracli.ui import output
-from loracli.ui.options import RunArg
+from loracli.ui.options import JsonOpt, RunArg
 
 
 class Format(str, Enum):
@@ -43,7 +43,7 @@ def export(
     keep_paths: bool = typer.Option(False, "--keep-paths",
                                     help="Keep local paths (base model, data folder) in the "
                                          "metadata; by default only base names and hub ids."),
-    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json: JsonOpt = False,
 ) -> None:
     """Export a trained LoRA (default: kohya .safetensors, the WebUI layout, fp16)."""
     from loracli.exporting import compat

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from loracli.ui import output
+from loracli.ui.options import JsonOpt
 from loracli.ui.hubview import Reporter, human_size
 
 
@@ -40,7 +41,7 @@ def fetch(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds with no data, or under "
                                             "10 KB/s (LORA_MIN_SPEED), before a mirror counts as stalled "
                                             "and is left (default 30, or LORA_TIMEOUT)."),
-    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json: JsonOpt = False,
 ) -> None:
     """Download a model into the cache: resumable, sha256-verified, with mirror fallback."""
     from loracli.hub import client as hub

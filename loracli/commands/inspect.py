@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import typer
 
 from loracli.ui import output
-from loracli.ui.options import LoraFileArg
+from loracli.ui.options import JsonOpt, LoraFileArg
 
 
 def inspect(
     file: LoraFileArg,
-    json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json: JsonOpt = False,
 ) -> None:
     """Show what a LoRA file holds: format, rank, alpha, base model, modules, metadata."""
     from loracli.exporting import compat, inspection

@@ -8,11 +8,10 @@ from typing import List, Optional
 import typer
 
 from loracli.ui import output
-from loracli.ui.options import MirrorOpt
+from loracli.ui.options import JsonOpt, MirrorOpt
 
 app = typer.Typer(help="Mirrors: list, add, remove, use, test; sync tracked models (cron) and status.",
                   no_args_is_help=True)
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 
 
 def _complete(incomplete: str) -> list[str]:
@@ -25,7 +24,7 @@ NameArg = typer.Argument(..., help="Mirror name (or an http(s) URL).", autocompl
 
 
 @app.command("list")
-def list_(json: bool = JsonOpt) -> None:
+def list_(json: JsonOpt = False) -> None:
     """List built-in and your mirrors, in the fallback order that `lora fetch` uses."""
     from loracli.hub import mirrors
 
@@ -45,7 +44,7 @@ def add(
     url: str = typer.Argument(..., help="Base URL, e.g. https://hf.example.internal"),
     kind: str = typer.Option("hub", "--kind", help="hub (Hugging Face API) or files (plain files)."),
     force: bool = typer.Option(False, "--force", help="Replace a mirror of the same name."),
-    json: bool = JsonOpt,
+    json: JsonOpt = False,
 ) -> None:
     """Add a mirror."""
     from loracli.hub import mirrors
@@ -56,7 +55,7 @@ def add(
 
 
 @app.command()
-def remove(name: str = NameArg, json: bool = JsonOpt) -> None:
+def remove(name: str = NameArg, json: JsonOpt = False) -> None:
     """Remove one of your mirrors."""
     from loracli.hub import mirrors
 
@@ -69,7 +68,7 @@ def remove(name: str = NameArg, json: bool = JsonOpt) -> None:
 def use(
     names: List[str] = typer.Argument(..., help="Mirror names (or URLs) in the order to try them.",
                                       autocompletion=_complete),
-    json: bool = JsonOpt,
+    json: JsonOpt = False,
 ) -> None:
     """Set the fallback order for `lora fetch` and `lora mirror sync`: the first is tried first."""
     from loracli.hub import mirrors
@@ -86,7 +85,7 @@ def test(
     model: str = typer.Option("sd15", "--model", help="Model whose small file is asked for."),
     file: str = typer.Option("model_index.json", "--file", help="That small file."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds before a mirror counts as down."),
-    json: bool = JsonOpt,
+    json: JsonOpt = False,
 ) -> None:
     """Does each mirror answer (and if not, why: DNS, refused, TLS, stall), how fast, and does it
     serve a small known file? Exit 1 when none does."""
@@ -132,7 +131,7 @@ def sync(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds before a stalled mirror is left."),
     prune: bool = typer.Option(False, "--prune", help="Delete a changed model's old snapshots and "
                                "unused files (not while something still reads them)."),
-    json: bool = JsonOpt,
+    json: JsonOpt = False,
 ) -> None:
     """Bring every tracked model to its mirror's current commit (cron-friendly; exit 1 if any failed)."""
     from loracli.hub import sync as sync_lib
@@ -150,7 +149,7 @@ def sync(
 
 
 @app.command()
-def status(json: bool = JsonOpt) -> None:
+def status(json: JsonOpt = False) -> None:
     """The last sync of each tracked model (tunasync-style)."""
     from loracli.hub import sync as sync_lib
 

@@ -67,7 +67,7 @@ class Layout:
                 else None}
 
 
-def _default_accelerate_config() -> Path | None:
+def default_accelerate_config() -> Path | None:
     """The file `accelerate config` writes (its own rule, without importing accelerate)."""
     named = os.environ.get("ACCELERATE_CONFIG_FILE")
     if named:
@@ -95,7 +95,7 @@ def layout(train, processes: int | None = None, machines: int | None = None,
            main_process_port: int | None = None, accelerate_config: str | None = None) -> Layout:
     """The layout from the command line, else the profile's [train], else the accelerate config."""
     named = accelerate_config or train.accelerate_config
-    config = Path(named).expanduser() if named else _default_accelerate_config()
+    config = Path(named).expanduser() if named else default_accelerate_config()
     if config is not None and not config.is_file():
         raise LoraError(f"{config}: no such accelerate config file",
                         f"write one with `accelerate config --config_file {config}`, or leave "
