@@ -40,6 +40,9 @@ class ModelSection:
     prediction_type: str = _f("auto", "noise target; auto reads the model's scheduler "
                                       "(SD2 768 models use v_prediction)",
                               choices=("auto", "epsilon", "v_prediction"))
+    quantize: str = _f("", "FLUX/SD3.5 base transformer stored quantized: nf4 (bitsandbytes, "
+                           "CUDA) or fp8 (float8 weights, upcast per layer); \"\" for full "
+                           "precision", choices=("", "nf4", "fp8"))
 
 
 @dataclass(frozen=True)

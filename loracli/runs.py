@@ -95,7 +95,7 @@ def start(profile, restart: bool = False,
     """
     import datetime as dt
 
-    from loracli import __version__, atomic, families
+    from loracli import __version__, atomic, families, quantize
     from loracli.families import loading
     from loracli import dataset as ds
 
@@ -126,6 +126,7 @@ def start(profile, restart: bool = False,
     base = loading.resolve_base(profile.model.base, profile.model.family,
                                 profile.model.prediction_type, profile.model.vae)
     family = families.get(base.family)
+    quantize.check(profile.model.quantize, family)  # before anything is written
     examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained = list(family.trainable) if profile.lora.train_text_encoder else [family.denoiser]

@@ -215,9 +215,13 @@ def _loaded(what: str, load):
                         f"{DAMAGED}, or point the profile at another model") from e
 
 
-def load_components(base: Base, family: Family, vae: str = "") -> dict:
-    """The base model's parts by component name, on the CPU, fp32, offline, safetensors only."""
+def load_components(base: Base, family: Family, vae: str = "", quantize: str = "",
+                    compute_dtype=None) -> dict:
+    """The base model's parts by component name, on the CPU, fp32, offline, safetensors only
+    (the denoiser 4-bit when `quantize` is "nf4", see `loracli.quantize`)."""
     import importlib
+
+    from loracli import quantize as q
 
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -231,6 +235,11 @@ def load_components(base: Base, family: Family, vae: str = "") -> dict:
         pipe = _loaded(str(base.path), lambda: getattr(diffusers, family.pipeline).from_single_file(
             str(base.path), config=str(base.config_dir), local_files_only=True))
         parts = {n: getattr(pipe, n) for n in family.components}
+        if quantize == "nf4":  # the denoiser again, 4-bit, from the same file
+            cls = type(parts[family.denoiser])
+            parts[family.denoiser] = _loaded(str(base.path), lambda: cls.from_single_file(
+                str(base.path), config=str(base.config_dir), subfolder=family.denoiser,
+                local_files_only=True, **q.load_kwargs(quantize, compute_dtype)))
     else:
         index = Configs(base.path).index
         parts = {}
@@ -244,6 +253,8 @@ def load_components(base: Base, family: Family, vae: str = "") -> dict:
             loader = getattr(importlib.import_module(library), cls)
             extra = {"use_safetensors": True} if (base.path / name / "config.json").is_file() \
                 else {}
+            if name == family.denoiser:
+                extra.update(q.load_kwargs(quantize, compute_dtype))
             parts[name] = _loaded(f"{base.path / name}", lambda: loader.from_pretrained(
                 base.path, subfolder=name, local_files_only=True, **extra))
     if vae:
