@@ -180,6 +180,8 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
         keys = safetensors_keys(path, "model.base")
         fam = families.get(family) if family != "auto" else \
             families.get(families.detect_checkpoint(keys, str(path)))
+        if getattr(fam, "check_single_file", None):  # what this family's loader cannot read
+            fam.check_single_file(path)
         alias = fam.config_alias(prediction)
         try:
             config_dir = models.local_snapshot(alias)
