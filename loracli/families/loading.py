@@ -189,6 +189,9 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
             raise LoraError(f"{path.name} is a single-file checkpoint; its configs come from "
                             f"{alias}, which is not in the model cache",
                             f"lora fetch {alias}") from e
+        if fam.denoiser == "transformer":  # its VAE and text encoders come from that model
+            _check_folder(config_dir, fam, bool(vae), f"`lora cache rm {alias}`, then "
+                          f"`lora fetch {alias}`")
     else:
         config_dir = path
         fam = families.get(family if family != "auto" else families.detect(path))
@@ -221,8 +224,6 @@ def load_components(base: Base, family: Family, vae: str = "", quantize: str = "
                     compute_dtype=None) -> dict:
     """The base model's parts by component name, on the CPU, fp32, offline, safetensors only
     (the denoiser 4-bit when `quantize` is "nf4", see `loracli.quantize`)."""
-    import importlib
-
     from loracli import quantize as q
 
     import diffusers.utils.logging
@@ -230,38 +231,61 @@ def load_components(base: Base, family: Family, vae: str = "", quantize: str = "
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    if base.path.is_file():
+    if base.path.is_file() and family.denoiser == "transformer":
+        # BFL's and SAI's files hold the transformer (SAI's also a VAE, ComfyUI's sometimes the
+        # encoders): it comes from the file, the rest from the cached model whose configs it uses
+        parts = _from_folder(base.config_dir, family, vae, skip=family.denoiser)
+        parts[family.denoiser] = _single_file_denoiser(base, family, q.load_kwargs(
+            quantize, compute_dtype))
+    elif base.path.is_file():
         import diffusers
 
         safetensors_keys(base.path, "model.base")
         pipe = _loaded(str(base.path), lambda: getattr(diffusers, family.pipeline).from_single_file(
             str(base.path), config=str(base.config_dir), local_files_only=True))
         parts = {n: getattr(pipe, n) for n in family.components}
-        if quantize == "nf4":  # the denoiser again, 4-bit, from the same file
-            cls = type(parts[family.denoiser])
-            parts[family.denoiser] = _loaded(str(base.path), lambda: cls.from_single_file(
-                str(base.path), config=str(base.config_dir), subfolder=family.denoiser,
-                local_files_only=True, **q.load_kwargs(quantize, compute_dtype)))
     else:
-        index = Configs(base.path).index
-        parts = {}
-        for name in family.components:
-            if name == "vae" and vae:
-                continue
-            if name not in index or index[name][0] is None:
-                raise LoraError(f"{base.path}: has no {name} (model_index.json)",
-                                f"is it really an {family.name} model? set model.family")
-            library, cls = index[name]
-            loader = getattr(importlib.import_module(library), cls)
-            extra = {"use_safetensors": True} if (base.path / name / "config.json").is_file() \
-                else {}
-            if name == family.denoiser:
-                extra.update(q.load_kwargs(quantize, compute_dtype))
-            parts[name] = _loaded(f"{base.path / name}", lambda: loader.from_pretrained(
-                base.path, subfolder=name, local_files_only=True, **extra))
+        extra = q.load_kwargs(quantize, compute_dtype)  # nf4: the denoiser is loaded 4-bit
+        parts = _from_folder(base.path, family, vae, skip=family.denoiser if extra else "")
+        if extra:
+            parts.update(_from_folder(base.path, family, vae, only=family.denoiser, extra=extra))
     if vae:
         parts["vae"] = _load_vae(vae)
     return parts
+
+
+def _from_folder(folder: Path, family: Family, vae: str, skip: str = "", only: str = "",
+                 extra: dict | None = None) -> dict:
+    """Components of a diffusers folder by name (the VAE too unless `vae` overrides it)."""
+    import importlib
+
+    index = Configs(folder).index
+    parts = {}
+    for name in family.components:
+        if (name == "vae" and vae) or name == skip or (only and name != only):
+            continue
+        if name not in index or index[name][0] is None:
+            raise LoraError(f"{folder}: has no {name} (model_index.json)",
+                            f"is it really an {family.name} model? set model.family")
+        library, cls = index[name]
+        loader = getattr(importlib.import_module(library), cls)
+        kwargs = {"use_safetensors": True} if (folder / name / "config.json").is_file() else {}
+        kwargs.update(extra or {})
+        parts[name] = _loaded(f"{folder / name}", lambda: loader.from_pretrained(
+            folder, subfolder=name, local_files_only=True, **kwargs))
+    return parts
+
+
+def _single_file_denoiser(base: Base, family: Family, extra: dict):
+    """The denoiser of a single-file checkpoint, through diffusers' converter for its class."""
+    import importlib
+
+    safetensors_keys(base.path, "model.base")
+    library, cls = Configs(base.config_dir).index[family.denoiser]
+    loader = getattr(importlib.import_module(library), cls)
+    return _loaded(str(base.path), lambda: loader.from_single_file(
+        str(base.path), config=str(base.config_dir), subfolder=family.denoiser,
+        local_files_only=True, **extra))
 
 
 def _load_vae(vae: str):
