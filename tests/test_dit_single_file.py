@@ -140,3 +140,18 @@ def test_an_sd35_single_file_trains_as_its_diffusers_folder(tmp_path, tmp_path_f
     assert got["file"].keys() == got["folder"].keys()
     for key, t in got["folder"].items():
         assert torch.allclose(got["file"][key], t, atol=1e-6), key
+    # --format merged from the single-file run: a whole folder diffusers loads, equal to the
+    # merge of the folder run
+    from diffusers import StableDiffusion3Pipeline
+
+    merged = {}
+    for name in ("folder", "file"):
+        r = cli("export", str(tmp_path / name), "--format", "merged", "--dtype", "fp32", "-o",
+                str(tmp_path / f"{name}-merged"))
+        assert r.exit_code == 0, r.stderr
+        pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / f"{name}-merged",
+                                                        local_files_only=True)
+        merged[name] = pipe.transformer.state_dict()
+    assert merged["file"].keys() == merged["folder"].keys()
+    for key, t in merged["folder"].items():
+        assert torch.allclose(merged["file"][key], t, atol=1e-6), key

@@ -277,15 +277,20 @@ def _from_folder(folder: Path, family: Family, vae: str, skip: str = "", only: s
 
 
 def _single_file_denoiser(base: Base, family: Family, extra: dict):
-    """The denoiser of a single-file checkpoint, through diffusers' converter for its class."""
+    return single_file_denoiser(base.path, base.config_dir, family, extra)
+
+
+def single_file_denoiser(path: Path, config_dir: Path, family: Family, extra: dict | None = None):
+    """The denoiser of a single-file checkpoint, through diffusers' converter for its class
+    (the class and config of `config_dir`'s, the cached model the file belongs to)."""
     import importlib
 
-    safetensors_keys(base.path, "model.base")
-    library, cls = Configs(base.config_dir).index[family.denoiser]
+    safetensors_keys(path, "model.base")
+    library, cls = Configs(config_dir).index[family.denoiser]
     loader = getattr(importlib.import_module(library), cls)
-    return _loaded(str(base.path), lambda: loader.from_single_file(
-        str(base.path), config=str(base.config_dir), subfolder=family.denoiser,
-        local_files_only=True, **extra))
+    return _loaded(str(path), lambda: loader.from_single_file(
+        str(path), config=str(config_dir), subfolder=family.denoiser, local_files_only=True,
+        **(extra or {})))
 
 
 def _load_vae(vae: str):
