@@ -119,7 +119,7 @@ def test_nf4_without_cuda_stops_before_the_run_folder(tmp_path, tmp_path_factory
     assert not out.exists()  # nothing written
 
 
-def test_quantize_is_refused_for_a_unet_family(tmp_path, cli):
+def test_quantize_is_refused_for_a_unet_family():
     from loracli import quantize
     from loracli.errors import LoraError
 
