@@ -39,7 +39,8 @@ def build(name: str, workdir: Path):
     import open_clip
     import torch
 
-    from loracli import clipmodel, tiny
+    from loracli import tiny
+    from loracli.captioning import clipmodel
 
     torch.manual_seed(0)
     if name == "tiny":
@@ -53,7 +54,7 @@ def build(name: str, workdir: Path):
 
 
 def run(folder: Path, clip, batch: int) -> dict:
-    from loracli import captioning
+    from loracli.captioning import job as captioning
 
     options = captioning.Options(existing="overwrite", batch_size=batch)
     return captioning.caption_folder(folder, options, clip=clip)

@@ -71,7 +71,9 @@ def build_real_shape(dest: Path, layers: int | None) -> Path:
 
 def one(base: str, data: str, out: str, steps: int, resolution: int, cache: bool) -> dict:
     """One configuration, in this process."""
-    from loracli import families, profiles, runs, training
+    from loracli import families, profiles
+    from loracli.training import loop as training
+    from loracli.training import runs
 
     cuda = _cuda()
     targets = list(families.get("flux-dev").unet_targets)

@@ -81,7 +81,10 @@ class Bare:
 
 def measure(base: Path, data: Path, out: Path, steps: int, batch: int, resolution: int,
             rank: int, warmup: int) -> dict:
-    from loracli import denoiser, profiles, runs, training
+    from loracli import profiles
+    from loracli.training import denoiser
+    from loracli.training import loop as training
+    from loracli.training import runs
 
     overrides = [f"model.base='{base}'", f"data.dir='{data}'", f"data.resolution={resolution}",
                  f"train.max_steps={steps}", f"train.batch_size={batch}",

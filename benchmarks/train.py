@@ -76,7 +76,9 @@ def make_images(folder: Path, size: int, n: int = 4) -> Path:
 
 def one(base: str, data: str, out: str, steps: int, batch: int, resolution: int, cache: bool) -> dict:
     """One configuration, in this process."""
-    from loracli import profiles, runs, training
+    from loracli import profiles
+    from loracli.training import loop as training
+    from loracli.training import runs
 
     overrides = [f"model.base='{base}'", f"data.dir='{data}'", f"data.resolution={resolution}",
                  f"train.max_steps={steps}", f"train.batch_size={batch}",

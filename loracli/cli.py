@@ -18,8 +18,9 @@ import traceback
 
 import typer
 
-from loracli import __version__, examples
+from loracli import __version__
 from loracli.errors import LoraError
+from loracli.ui import examples
 
 
 class Interrupted(LoraError):
@@ -128,8 +129,8 @@ def _root(
 
 def _register() -> None:
     """The command table, in the order of the main job. Command modules import nothing heavy."""
-    from loracli.commands import (cache, caption, completion, demo, doctor, export, fetch,
-                                  inspect, mirror, profile, resume, train)
+    from loracli.commands import (cache, caption, completion, demo, doctor, export, fetch, inspect,
+                                  mirror, profile, resume, train)
 
     def command(name: str, function) -> None:
         app.command(name, epilog=examples.block(name))(function)

@@ -101,7 +101,10 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     """
     import time
 
-    from loracli import export, jobs, launch, models, training
+    from loracli.exporting import export
+    from loracli.hub import models
+    from loracli.training import jobs, launch
+    from loracli.training import loop as training
 
     stage = on_stage or (lambda _m: None)
     folder = Path(folder).resolve()
@@ -170,9 +173,8 @@ def before_after_grid(base: Path, lora_file: Path, data: Path, prompt: str, out:
     import numpy as np
     import torch
     from diffusers import StableDiffusionPipeline
-    from PIL import Image, ImageDraw
-
     from diffusers.utils import logging as diffusers_logging
+    from PIL import Image, ImageDraw
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected here
     pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)

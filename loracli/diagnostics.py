@@ -53,7 +53,7 @@ def _disk(path: Path) -> dict:
 
 
 def _mirror(config: dict) -> str:
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     try:
         m = mirrors.get(mirrors.default_name(config))

@@ -12,9 +12,13 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
-def sha256_file(path: Path, chunk: int = CHUNK) -> str:
-    h = hashlib.sha256()
+def digest_file(path: Path, h, chunk: int = CHUNK) -> str:
+    """Feed the file to a hashlib object `h` (sha256, or git's "blob N\\0"-prefixed sha1)."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = CHUNK) -> str:
+    return digest_file(path, hashlib.sha256(), chunk)

@@ -40,9 +40,10 @@ class ModelSection:
     prediction_type: str = _f("auto", "noise target; auto reads the model's scheduler "
                                       "(SD2 768 models use v_prediction)",
                               choices=("auto", "epsilon", "v_prediction"))
-    quantize: str = _f("", "FLUX/SD3.5 base transformer stored quantized: nf4 (bitsandbytes, "
-                           "CUDA) or fp8 (float8 weights, upcast per layer); \"\" for full "
-                           "precision", choices=("", "nf4", "fp8"))
+    quantize: str = _f("", "\"4bit\": the base in 4-bit NF4 through bitsandbytes, CUDA only "
+                           "(language models: QLoRA, double quant; FLUX/SD3.5: the transformer); "
+                           "\"fp8\": FLUX/SD3.5 transformer weights stored in float8, cast up "
+                           "per layer; \"\" keeps full precision", choices=("", "4bit", "fp8"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,21 @@ class DataSection:
     caption_dropout: float = _f(0.0, "probability of training on an empty caption", min=0.0, max=1.0)
     flip: bool = _f(False, "random horizontal flips (off for asymmetric characters or text)")
     crop: str = _f("center", "how images are cropped to their bucket", choices=("center", "random"))
+    format: str = _f("auto", "language models: record shape of the .jsonl/.json data; auto detects "
+                             "chat (messages, ShareGPT conversations), instruction (alpaca) or text",
+                     choices=("auto", "chat", "instruction", "text"))
+    max_length: int = _f(1024, "language models: tokens per example; longer ones are cut, raw text "
+                               "is split", min=16, max=131072)
+    packing: bool = _f(False, "language models: lay short examples end to end in one row (they "
+                              "never attend to each other)")
+    group_by_length: bool = _f(True, "language models: batch examples of similar length (less "
+                                     "padding, faster)")
+    train_on_prompt: bool = _f(False, "language models: also learn the prompt tokens; by default "
+                                      "only the assistant's answers")
+    eval_split: float = _f(0.0, "language models: share of the examples held out for loss and "
+                                "perplexity at checkpoints", min=0.0, max=0.5)
+    template: str = _f("", "language models: chat template; \"\" is the tokenizer's own, "
+                           "\"chatml\", or a .jinja file")
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,9 @@ class TrainSection:
     seed: int = _f(42, "random seed; the same seed and data give the same LoRA", min=0, max=2**32 - 1)
     save_steps: int = _f(100, "write a checkpoint every N steps", min=1, max=10_000_000)
     keep_checkpoints: int = _f(3, "newest checkpoints kept on disk", min=1, max=1000)
+    log_with: str = _f("", "also log metrics to tensorboard (files under the run's logs/) or "
+                       "wandb; empty: metrics.jsonl and loss.png only",
+                       choices=("", "tensorboard", "wandb"))
     processes: int = _f(1, "training processes (GPUs) launched through accelerate; on several "
                            "machines, per machine", min=1, max=64)
     num_machines: int = _f(1, "machines training together, each running the same command "
@@ -132,6 +151,7 @@ class SampleSection:
     steps: int = _f(20, "inference steps per sample", min=1, max=200)
     guidance: float = _f(7.0, "classifier-free guidance scale", min=0.0, max=50.0)
     seed: int = _f(1234, "seed for sample images", min=0, max=2**32 - 1)
+    max_new_tokens: int = _f(64, "language models: tokens of each sample answer", min=1, max=4096)
 
 
 @dataclass(frozen=True)

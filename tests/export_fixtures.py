@@ -1,4 +1,4 @@
-"""A "trained" run folder written exactly to the checkpoint contract (loracli/runs.py), for export.
+"""A "trained" run folder written exactly to the checkpoint contract (loracli/training/runs.py), for export.
 
 The LoRA weights are seeded random values with lora_B nonzero, so the adapter changes the UNet
 and text-encoder outputs measurably; `reference_models` rebuilds the trained models with peft
@@ -51,7 +51,8 @@ def make_run(run_dir: Path, base: Path, family: str, *, rank: int = 4, alpha: fl
     from peft import get_peft_model_state_dict, inject_adapter_in_model
     from safetensors.torch import save_file
 
-    from loracli import atomic, profiles, runs
+    from loracli import atomic, profiles
+    from loracli.training import runs
 
     run_dir = Path(run_dir)
     ckpt = runs.checkpoint_dir(run_dir, step)
@@ -118,7 +119,7 @@ def reference_models(run_dir: Path, step: int | None = None) -> dict:
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from loracli import runs
+    from loracli.training import runs
 
     info = runs.info(run_dir)
     ckpt = runs.latest(run_dir, step).path

@@ -20,7 +20,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from loracli import convert
+from loracli.exporting import convert
 
 HERE = Path(__file__).parent / "layouts"
 LAYOUTS = {  # name → (family, unet config, {component: text config})
@@ -320,7 +320,7 @@ def _comfy_knows(path: str) -> bool:
 def print_reports() -> None:
     """The per-loader report for the default targets and every UNet Linear/Conv2d, per layout:
     `PYTHONPATH=.:tests python tests/export_layouts.py`."""
-    from loracli import compat, export
+    from loracli.exporting import compat, export
 
     targets = {"default targets": (UNET_ATTENTION, TEXT_ATTENTION),
                "every UNet Linear/Conv2d (+ default text)": ("all", TEXT_ATTENTION),

@@ -1,4 +1,4 @@
-"""Micro-batches (loracli.batches): noise drawn in the latent's own shape, whatever the VAE, and
+"""Micro-batches (loracli.training.batches): noise drawn in the latent's own shape, whatever the VAE, and
 every draw a function of (seed, micro-batch, position in the global batch)."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import types
 
 import pytest
-
-from loracli import dataset as ds
-from loracli import profiles
-from loracli.batches import Batches
 from train_fixtures import make_dataset
+
+from loracli import profiles
+from loracli.training import dataset as ds
+from loracli.training.batches import Batches
 
 
 def _model(channels: int, factor: int):

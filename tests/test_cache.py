@@ -6,7 +6,8 @@ import json
 
 from hub_fixtures import online, repo, unique_bytes  # noqa: F401 (fixtures)
 from hubserver import serve
-from loracli import models, tracking
+
+from loracli.hub import models, tracking
 
 
 def test_list_verify_repair_and_rm(cli, online, repo, isolated):

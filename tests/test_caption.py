@@ -10,9 +10,11 @@ import os
 import numpy as np
 import pytest
 
-from loracli import banks, caption_files, captions, metadata_csv
-from loracli.banks import Category
-from loracli.caption_files import Entry
+from loracli.captioning import banks, captions
+from loracli.captioning import files as caption_files
+from loracli.captioning import metadata_csv
+from loracli.captioning.banks import Category
+from loracli.captioning.files import Entry
 from loracli.errors import LoraError
 
 
@@ -258,7 +260,7 @@ def _fake_snapshot(cache, repo_id: str, files: dict[str, bytes]):
 
 
 def test_missing_default_weights_name_the_fetch_command(isolated):
-    from loracli import clipmodel
+    from loracli.captioning import clipmodel
 
     with pytest.raises(LoraError) as e:
         clipmodel.resolve_weights("ViT-L-14", "openai")
@@ -277,7 +279,7 @@ def test_missing_weights_through_the_cli(cli, tmp_path):
 
 
 def test_cached_openai_weights_load_with_quick_gelu(isolated):
-    from loracli import clipmodel
+    from loracli.captioning import clipmodel
 
     snap = _fake_snapshot(isolated["cache"], "timm/vit_large_patch14_clip_224.openai",
                           {"open_clip_config.json": b"{}", "open_clip_model.safetensors": b"w"})
@@ -289,7 +291,7 @@ def test_cached_openai_weights_load_with_quick_gelu(isolated):
 
 
 def test_other_tags_and_repos(isolated):
-    from loracli import clipmodel
+    from loracli.captioning import clipmodel
 
     with pytest.raises(LoraError) as e:  # not an alias: the hint says which files to fetch
         clipmodel.resolve_weights("ViT-L-14", "laion2b_s32b_b82k")
@@ -306,7 +308,7 @@ def test_other_tags_and_repos(isolated):
 
 
 def test_local_weights(tmp_path):
-    from loracli import clipmodel
+    from loracli.captioning import clipmodel
 
     with pytest.raises(LoraError, match="no open_clip_config.json"):
         clipmodel.resolve_weights("ViT-B-32", f"local-dir:{tmp_path}")
@@ -326,7 +328,7 @@ def test_local_weights(tmp_path):
 
 
 def test_hf_hub_repos_come_from_the_cache(isolated):
-    from loracli import clipmodel
+    from loracli.captioning import clipmodel
 
     repo = "someone/tiny-open-clip"
     with pytest.raises(LoraError) as e:
@@ -342,7 +344,7 @@ def test_hf_hub_repos_come_from_the_cache(isolated):
 def test_loading_is_offline_and_puts_the_setting_back(monkeypatch, tmp_path):
     import huggingface_hub.constants as constants
 
-    from loracli import clipmodel
+    from loracli.captioning import clipmodel
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

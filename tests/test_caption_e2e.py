@@ -130,7 +130,7 @@ def test_caption_names_colour_and_shape_then_the_trainer_reads_it(cli, taught_cl
     assert result["tag_frequency"] == {"sks style": 10, "blue": 5, "circle": 5, "red": 5,
                                        "square": 5}
 
-    from loracli import dataset  # the trainer's own reader, last
+    from loracli.training import dataset  # the trainer's own reader, last
 
     examples = dataset.scan(data)
     assert {e.path.name: e.caption for e in examples} == rows
@@ -240,7 +240,7 @@ def test_dry_run_recursive_and_caption_extension(cli, taught_clip, bank, tmp_pat
     sub_rows = list(csv.DictReader(open(data / "10_more" / "metadata.csv")))
     assert sorted(r["file_name"] for r in sub_rows) == ["circle_0.jpg", "square_0.jpg"]
 
-    from loracli import dataset
+    from loracli.training import dataset
 
     examples = dataset.scan(data, caption_ext=".caption")
     assert len(examples) == 4 and all(e.caption in ("red, square", "blue, circle")
@@ -261,7 +261,7 @@ def test_weights_from_the_model_cache_by_repo(cli, taught_clip, bank, tmp_path, 
     """The hub cache layout `lora fetch` writes (blobs + snapshot symlinks + refs/main)."""
     import hashlib
 
-    from loracli import models
+    from loracli.hub import models
 
     repo_id = "someone/taught-clip"
     repo = models.repo_folder(repo_id)

@@ -10,10 +10,13 @@ import os
 import shutil
 
 import pytest
-
-from loracli import checkpoints, profiles, runs, training
-from loracli.hashing import sha256_file
 from train_fixtures import make_dataset, write_profile
+
+from loracli import profiles
+from loracli.hashing import sha256_file
+from loracli.training import checkpoints
+from loracli.training import loop as training
+from loracli.training import runs
 
 pytestmark = pytest.mark.slow
 

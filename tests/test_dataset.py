@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loracli import dataset as ds
 from loracli.errors import LoraError
+from loracli.training import dataset as ds
 
 
 def _img(path, size=(64, 64), color=(200, 30, 30)):

@@ -11,10 +11,10 @@ out in the test: `lora_unet_{native key with _}` patches the native weight, `alp
 from __future__ import annotations
 
 import pytest
-
 from dit_fixtures import tiny_dit_folder
 
-from loracli import convert, convert_dit, families
+from loracli import families
+from loracli.exporting import convert, convert_dit
 
 pytestmark = pytest.mark.slow
 

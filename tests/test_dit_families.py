@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from dit_fixtures import tiny_dit_folder
 
 from loracli import families, tiny_dit
@@ -105,7 +104,7 @@ def test_flux_forward_packs_like_the_training_script(built):
     """family.forward = diffusers' train_dreambooth_lora_flux.py step, written out with
     FluxPipeline's own packing helpers."""
     import torch
-    from diffusers import FluxTransformer2DModel, FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     fam = families.get("flux-dev")
     transformer = FluxTransformer2DModel.from_pretrained(built["flux-dev"], subfolder="transformer")
@@ -198,7 +197,7 @@ def test_presets_train_the_family_defaults():
 
 
 def test_loader_report_for_flux_and_sd3_kohya_files():
-    from loracli import compat
+    from loracli.exporting import compat
 
     flux = ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",

@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from dit_fixtures import tiny_dit_folder
 from hub_fixtures import online  # noqa: F401
 from hubserver import serve
-from loracli import models
+
 from loracli.families import loading
+from loracli.hub import models
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import pytest
 
 from dit_fixtures import tiny_dit_folder
 
-from loracli import families, runs
+from loracli import families
+from loracli.training import runs
 from train_fixtures import adapter_tensors, make_dataset, write_profile
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,9 @@ def fp8_run(tmp_path_factory):
     """A FLUX.1-dev run whose base transformer is stored in float8 (model.quantize = "fp8")."""
     import torch
 
-    from loracli import denoiser, profiles, training
+    from loracli import profiles
+    from loracli.training import denoiser
+    from loracli.training import loop as training
 
     tmp = tmp_path_factory.mktemp("fp8")
     base = tiny_dit_folder(tmp_path_factory, "flux-dev")
@@ -104,14 +107,14 @@ def test_fp8_base_trains_and_merged_export_folds_into_the_full_precision_base(fp
                                                                       atol=1e-4)
 
 
-def test_nf4_without_cuda_stops_before_the_run_folder(tmp_path, tmp_path_factory, cli):
+def test_4bit_without_cuda_stops_before_the_run_folder(tmp_path, tmp_path_factory, cli):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: nf4 is allowed here")
+        pytest.skip("this machine has CUDA: 4bit is allowed here")
     base = tiny_dit_folder(tmp_path_factory, "flux-dev")
     out = tmp_path / "out"
-    path = _profile(tmp_path, base, "flux-dev", out, model={"quantize": "nf4"})
+    path = _profile(tmp_path, base, "flux-dev", out, model={"quantize": "4bit"})
     r = cli("train", "--config", str(path))
     assert r.exit_code != 0
     assert "error:" in r.stderr and "CUDA" in r.stderr and "internal" not in r.stderr
@@ -120,7 +123,7 @@ def test_nf4_without_cuda_stops_before_the_run_folder(tmp_path, tmp_path_factory
 
 
 def test_quantize_is_refused_for_a_unet_family():
-    from loracli import quantize
+    from loracli.training import quantize
     from loracli.errors import LoraError
 
     with pytest.raises(LoraError) as e:
@@ -134,7 +137,8 @@ def test_gradient_checkpointing_gives_the_same_step(kind, family, tmp_path, tmp_
     import torch
     import torch.utils.checkpoint
 
-    from loracli import profiles, training
+    from loracli import profiles
+    from loracli.training import loop as training
 
     calls = []
     real = torch.utils.checkpoint.checkpoint

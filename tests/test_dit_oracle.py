@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from dit_fixtures import tiny_dit_folder
-from loracli import families, profiles, runs, training
+from PIL import Image
 from train_fixtures import write_profile
+
+from loracli import families, profiles
+from loracli.training import loop as training
+from loracli.training import runs
 
 pytestmark = pytest.mark.slow
 

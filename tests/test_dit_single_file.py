@@ -11,8 +11,8 @@ import pytest
 
 from dit_fixtures import tiny_dit_folder
 
-from loracli import convert_dit
-from loracli.convert import ConversionError
+from loracli.exporting import convert_dit
+from loracli.exporting.convert import ConversionError
 from train_fixtures import make_dataset, write_profile
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def _cache(alias, folder):
     """`folder` as the model cache's snapshot of `alias` (what `lora fetch` leaves)."""
     import shutil
 
-    from loracli import hubcache, models
+    from loracli.hub import hubcache, models
 
     ref = models.resolve(alias)
     repo = hubcache.repo_folder(ref.repo_id)
@@ -120,7 +120,8 @@ def test_an_sd35_single_file_trains_as_its_diffusers_folder(tmp_path, tmp_path_f
     step gives the adapter one step from the diffusers folder gives."""
     import torch
 
-    from loracli import families, runs
+    from loracli import families
+    from loracli.training import runs
     from train_fixtures import adapter_tensors
 
     folder = tiny_dit_folder(tmp_path_factory, "sd3")

@@ -14,12 +14,13 @@ import subprocess
 import weakref
 
 import pytest
-
 from dit_fixtures import tiny_dit_folder
-
-from loracli import families, profiles, runs, tiny_dit, training
 from test_dit_export import FLUX_COMFY, _comfy_merge, _native_base, _transformer_inputs
 from train_fixtures import env, lora_cmd, make_dataset, metrics_steps, wait_for, write_profile
+
+from loracli import families, profiles, tiny_dit
+from loracli.training import loop as training
+from loracli.training import runs
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from hubserver import serve
 from train_fixtures import env, metrics_steps, wait_for
 
@@ -84,7 +83,7 @@ def test_readme_walkthrough(tmp_path, tiny_sd, tiny_open_clip, monkeypatch):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from loracli import models
+    from loracli.hub import models
 
     pipe = StableDiffusionPipeline.from_pretrained(models.local_snapshot("someorg/tiny-sd"),
                                                    local_files_only=True)

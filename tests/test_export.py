@@ -8,10 +8,11 @@ import json
 import math
 
 import pytest
-from export_fixtures import FP16_RELATIVE_BOUND, make_run, outputs, pipeline_outputs, reference_models
+from export_fixtures import (FP16_RELATIVE_BOUND, make_run, outputs, pipeline_outputs,
+                             reference_models)
 
-from loracli import export as exporting
 from loracli.errors import LoraError
+from loracli.exporting import export as exporting
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +169,7 @@ def _tamper(run, rename_from, rename_to):
     """Rename one module in the UNet adapter and re-sign state.json, as a buggy trainer would."""
     from safetensors.torch import load_file, save_file
 
-    from loracli import runs
+    from loracli.training import runs
 
     ckpt = runs.latest(run).path
     f = ckpt / "unet" / "adapter_model.safetensors"

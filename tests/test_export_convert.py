@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from loracli import convert, inspection
+from loracli.exporting import convert, inspection
 
 SDXL_UNET = {"layers_per_block": 2,
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
@@ -134,8 +134,8 @@ def test_detect_format(keys, fmt):
 
 
 def test_kohya_keys_are_checked_against_the_base_modules():
-    from loracli import basecheck
     from loracli.errors import LoraError
+    from loracli.exporting import basecheck
 
     found = {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)},
              "text_encoder": {"encoder.layers.0.self_attn.q_proj": (32, 32)}}
@@ -163,7 +163,7 @@ def test_kohya_keys_are_checked_against_the_base_modules():
 def test_output_paths(output, fmt, want, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from loracli import export
+    from loracli.exporting import export
 
     monkeypatch.chdir(tmp_path)
     assert export.output_path(output, Path("run"), "anime", fmt) == Path(want)
@@ -172,8 +172,8 @@ def test_output_paths(output, fmt, want, tmp_path, monkeypatch):
 def test_a_kohya_file_must_end_in_safetensors(tmp_path):
     from pathlib import Path
 
-    from loracli import export
     from loracli.errors import LoraError
+    from loracli.exporting import export
 
     with pytest.raises(LoraError, match="must end in .safetensors") as e:
         export.output_path(tmp_path / "anime.ckpt", Path("run"), "anime", "kohya")
@@ -190,7 +190,7 @@ def test_sshs_hashes_follow_sd_scripts_on_a_file_over_one_mib():
     import torch
     from safetensors.torch import save
 
-    from loracli.metadata import serialize
+    from loracli.exporting.metadata import serialize
 
     tensors = {"lora_unet_x.lora_down.weight": torch.arange(600_000, dtype=torch.float32).reshape(1000, 600)}
     header = {"ss_output_name": "x", "ss_network_dim": "4", "modelspec.title": "x"}

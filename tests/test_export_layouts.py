@@ -1,6 +1,6 @@
 """Every kohya key `lora export` writes, on the real SD1.5, SD2.1 and SDXL module layouts (meta
 device: no weights), lands on the module it was trained on under each loader's own rules; and the
-per-loader report (`loracli.compat`) says exactly what those rules apply.
+per-loader report (`loracli.exporting.compat`) says exactly what those rules apply.
 
 Oracles (tests/export_layouts.py): diffusers' own conversion code, sd-scripts' module-building rule
 run on the real model classes, and A1111's and ComfyUI's key maps transcribed from their code.
@@ -13,7 +13,7 @@ from export_layouts import (LAYOUTS, TEXT_ATTENTION, UNET_ATTENTION, a1111_appli
                             config, diffusers_targets, linear_or_conv, lora_modules, models,
                             sd_scripts_names)
 
-from loracli import compat, convert, export
+from loracli.exporting import compat, convert, export
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,10 @@ loader applies."""
 from __future__ import annotations
 
 import pytest
-from export_fixtures import encoders, load_component, make_run, outputs, pipeline_outputs, reference_models
+from export_fixtures import (encoders, load_component, make_run, outputs, pipeline_outputs,
+                             reference_models)
 
-from loracli import export as exporting
+from loracli.exporting import export as exporting
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from export_fixtures import make_run
 
-from loracli import export as exporting
+from loracli.exporting import export as exporting
 
 pytestmark = pytest.mark.slow
 

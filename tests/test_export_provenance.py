@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from loracli import provenance
+from loracli.exporting import provenance
 
 
 def _blob(cache: Path, data: bytes) -> tuple[Path, str]:
@@ -61,7 +61,7 @@ def test_saved_configs_lose_local_paths(tmp_path):
 
 
 def test_dataset_dirs_and_buckets_as_sd_scripts_writes_them(tmp_path):
-    from loracli import dataset as ds
+    from loracli.training import dataset as ds
 
     examples = [ds.Example(tmp_path / "10_cat" / "a.png", "cat", "10_cat", 10),
                 ds.Example(tmp_path / "10_cat" / "b.png", "cat", "10_cat", 10),

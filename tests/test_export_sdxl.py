@@ -4,9 +4,10 @@ names) loaded by diffusers' SDXL pipeline applies exactly the trained effect."""
 from __future__ import annotations
 
 import pytest
-from export_fixtures import FP16_RELATIVE_BOUND, encoders, load_component, make_run, outputs, pipeline_outputs, reference_models
+from export_fixtures import (FP16_RELATIVE_BOUND, encoders, load_component, make_run, outputs,
+                             pipeline_outputs, reference_models)
 
-from loracli import export as exporting
+from loracli.exporting import export as exporting
 
 pytestmark = pytest.mark.slow
 

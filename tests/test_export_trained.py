@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from export_fixtures import encoders, load_component, outputs, pipeline_outputs, reference_models
 
-from loracli import runs
+from loracli.training import runs
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from loracli import convert, families, profiles
-from loracli.errors import LoraError
-from loracli.families import loading, sd
 from train_fixtures import make_dataset, write_profile
+
+from loracli import families, profiles
+from loracli.errors import LoraError
+from loracli.exporting import convert
+from loracli.families import loading, sd
 
 LORACLI = Path(__file__).resolve().parents[1] / "loracli"
 
@@ -108,7 +109,7 @@ def test_a_vae_whose_latents_do_not_fit_the_unet_is_refused():
 def test_bucket_sides_are_raised_to_what_the_vae_and_unet_divide_by():
     from types import SimpleNamespace
 
-    from loracli.denoiser import Model
+    from loracli.training.denoiser import Model
 
     g = families.get("sd1").geometry({"latent_channels": 4, "block_out_channels": [1] * 4},
                                      {"block_out_channels": [1] * 4}, "m")  # 8x VAE, 8x UNet
@@ -277,10 +278,10 @@ def test_a_2x_16_channel_vae_pipeline_trains_exports_and_loads_in_diffusers(cli,
                                                                             tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
+    from export_fixtures import reference_models
     from safetensors.torch import load_file
 
-    from loracli import runs
-    from export_fixtures import reference_models
+    from loracli.training import runs
 
     data = make_dataset(tmp_path / "data", n=2)
     path = write_profile(tmp_path / "x2.toml", tiny_2x, data, tmp_path / "out",
@@ -347,7 +348,7 @@ def toy_family():
 def test_a_toy_family_registered_here_trains_and_exports(cli, tiny_sd, tmp_path, toy_family):
     from safetensors import safe_open
 
-    from loracli import runs
+    from loracli.training import runs
 
     base = _toy_base(tiny_sd, tmp_path / "toy-base")
     assert families.detect(base) == "toy"

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from hub_fixtures import blobs, lora_proc, make_repo, online, repo, unique_bytes  # noqa: F401
 from hubserver import Fault, serve
-from loracli import hub, modelcache, models, settings
+
+from loracli import settings
 from loracli.errors import LoraError
+from loracli.hub import client as hub
+from loracli.hub import modelcache, models
 
 
 def _snapshot_files(cache: Path, repo_id="org/tiny") -> dict:

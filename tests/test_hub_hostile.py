@@ -8,7 +8,8 @@ from pathlib import Path
 
 from hub_fixtures import online, repo  # noqa: F401 (fixtures)
 from hubserver import Fault, serve
-from loracli import models, sync
+
+from loracli.hub import models, sync
 
 ESCAPE_COMMIT = "../../../../outside/" + "a" * 20  # 40 characters, as a sha would be
 
@@ -92,7 +93,7 @@ def test_a_nul_in_a_file_name_is_a_clear_error(cli, online, repo, isolated):
 
 
 def test_hostile_names_in_a_listing_are_all_refused(online, repo):
-    from loracli.hubcache import BadName, check_commit, check_digest, check_rel_path
+    from loracli.hub.hubcache import BadName, check_commit, check_digest, check_rel_path
 
     for bad in ("", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a/", "C:/x", "c:x",
                 "\\\\host\\share\\x", "a\\..\\..\\x", "nul\x00byte", "tab\there", "x" * 2000):
@@ -134,7 +135,7 @@ def test_every_path_written_resolves_inside_the_cache(isolated):
     """A folder on the way that links out of the cache (left by anything) is never written through."""
     import pytest
 
-    from loracli import hubcache
+    from loracli.hub import hubcache
 
     outside = _outside(isolated)
     repo_dir = models.repo_folder("org/tiny")

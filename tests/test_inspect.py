@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from export_fixtures import ADAPTER, TEXT_TARGETS, UNET_TARGETS, load_component, lora_config, make_run
+from export_fixtures import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, load_component, lora_config,
+                             make_run)
 
-from loracli import export as exporting
-from loracli import inspection
 from loracli.errors import LoraError
+from loracli.exporting import export as exporting
+from loracli.exporting import inspection
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from loracli import caption_files, dataset, metadata_csv
+from loracli.captioning import files as caption_files
+from loracli.captioning import metadata_csv
 from loracli.errors import LoraError
+from loracli.training import dataset
 
 
 def _folder(tmp_path, body: bytes):

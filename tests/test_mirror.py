@@ -7,10 +7,12 @@ import threading
 import time
 
 from filelock import FileLock
-
 from hub_fixtures import lora_proc, make_repo, online, repo  # noqa: F401 (fixtures)
 from hubserver import serve, serve_dir
-from loracli import hub, mirrors, models, paths, settings, sync
+
+from loracli import paths, settings
+from loracli.hub import client as hub
+from loracli.hub import mirrors, models, sync
 
 
 def test_mirror_list_add_use_remove(cli, monkeypatch):

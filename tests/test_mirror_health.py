@@ -8,8 +8,10 @@ import time
 
 from hub_fixtures import online, repo  # noqa: F401 (fixtures)
 from hubserver import Fault, serve
-from loracli import mirrors, models, settings
 from netfaults import UNRESOLVABLE, refused_url, silent, trickling_headers
+
+from loracli import settings
+from loracli.hub import mirrors, models
 
 INTERNALS = ("urllib3", "HTTPConnection", "HTTPSConnection", "MaxRetryError", "NameResolutionError",
              "NewConnectionError", "Errno", "Traceback")

@@ -12,10 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from loracli import launch, profiles, runs, training, worker
-from loracli.errors import LoraError
 from train_fixtures import adapter_tensors, env, lora_cmd, make_dataset, wait_for, write_profile
+
+from loracli import profiles
+from loracli.errors import LoraError
+from loracli.training import launch
+from loracli.training import loop as training
+from loracli.training import runs, worker
 
 
 def _train(**keys):
@@ -80,7 +83,7 @@ def test_command_of_machine_1_names_the_whole_world(tmp_path):
     text = " ".join(cmd)
     assert "--num_processes 4 --num_machines 2" in text  # accelerate counts every machine's
     assert "--machine_rank 1 --main_process_ip 10.1.1.1 --main_process_port 6000" in text
-    assert cmd[cmd.index("-m", 3) + 1] == "loracli.worker"
+    assert cmd[cmd.index("-m", 3) + 1] == "loracli.training.worker"
     assert "--processes 2 --num-machines 2 --machine-rank 1" in text
     assert where.flags() == (" --processes 2 --num-machines 2 --machine-rank 1 "
                              "--main-process-ip 10.1.1.1 --main-process-port 6000")

@@ -8,7 +8,8 @@ import json
 
 from hub_fixtures import online, repo  # noqa: F401 (fixtures)
 from hubserver import serve
-from loracli import sync
+
+from loracli.hub import sync
 
 LONG_AGO = ("2020-01-02T03:04:05Z", 1577934245)
 

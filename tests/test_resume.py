@@ -10,11 +10,13 @@ import signal
 import subprocess
 
 import pytest
-
-from loracli import profiles, runs, training
-from loracli.errors import LoraError
 from train_fixtures import (adapter_tensors, env, lora_cmd, make_dataset, metrics_steps, wait_for,
                             write_profile)
+
+from loracli import profiles
+from loracli.errors import LoraError
+from loracli.training import loop as training
+from loracli.training import runs
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,15 @@ import sys
 import threading
 
 import pytest
-
-from loracli import profiles, runlock
-from loracli.errors import BusyError
 from train_fixtures import wait_for
+
+from loracli import profiles
+from loracli.errors import BusyError
+from loracli.training import runlock
 
 HOLDER = """
 import sys
-from loracli import runlock
+from loracli.training import runlock
 lock = runlock.acquire(sys.argv[1], int(sys.argv[2]), command="lora train --profile held")
 print("held", flush=True)
 sys.stdin.readline()

@@ -66,7 +66,7 @@ def test_tiny_sd_in_the_cache_carries_the_packaged_unet_and_draws_shapes(tiny_sd
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from loracli import models
+    from loracli.hub import models
 
     snapshot = models.install_tiny()
     packaged = load_file(str(Path(tiny.__file__).parent / tiny.UNET_WEIGHTS))

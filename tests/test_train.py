@@ -10,12 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from train_fixtures import NetworkGuard, adapter_tensors, env, lora_cmd, make_dataset, write_profile
 
-from loracli import denoiser, profiles, runs, training
-from loracli.families import loading
+from loracli import profiles
 from loracli.errors import LoraError
-from train_fixtures import (NetworkGuard, adapter_tensors, env, lora_cmd, make_dataset,
-                                  write_profile)
+from loracli.families import loading
+from loracli.training import denoiser
+from loracli.training import loop as training
+from loracli.training import runs
 
 pytestmark = pytest.mark.slow
 
@@ -218,7 +220,7 @@ def test_rerun_resumes_refuses_a_changed_profile_and_restart_keeps_the_old_run(c
 
 def _run_with_third_loss(tiny_sd, tmp_path, monkeypatch, third):
     """Train 6 steps (checkpoint every 2) with the third loss replaced by `third(real_loss)`."""
-    from loracli import denoiser
+    from loracli.training import denoiser
 
     data = make_dataset(tmp_path / "data", n=2)
     path = write_profile(tmp_path / "p.toml", tiny_sd, data, tmp_path / "out",

@@ -10,8 +10,10 @@ from collections import namedtuple
 
 import pytest
 
-from loracli import checkpoints, runs, training
 from loracli.errors import LoraError
+from loracli.training import checkpoints
+from loracli.training import loop as training
+from loracli.training import runs
 
 Usage = namedtuple("Usage", "total used free")
 

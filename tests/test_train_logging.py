@@ -4,32 +4,19 @@ uninstalled tracker is a plain error before any training."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import struct
 import types
 
 import pytest
-
-from loracli import metrics, profiles, runs, training
-from loracli.errors import LoraError
 from train_fixtures import make_dataset, write_profile
 
+from loracli import profiles
+from loracli.errors import LoraError
+from loracli.training import loop as training
+from loracli.training import metrics, runs
+
 pytestmark = pytest.mark.slow
-
-
-def _with_log_with(monkeypatch, value):
-    """The profile key is read with getattr until the profile schema has it."""
-    real = runs.load_profile
-
-    def load(run_dir):
-        p = real(run_dir)
-        cls = dataclasses.make_dataclass("Train", [("log_with", str, value)],
-                                         bases=(type(p.train),), frozen=True)
-        fields = {f.name: getattr(p.train, f.name) for f in dataclasses.fields(p.train)}
-        return dataclasses.replace(p, train=cls(**fields))
-
-    monkeypatch.setattr(runs, "load_profile", load)
 
 
 def _scalars(folder) -> dict:
@@ -50,13 +37,12 @@ def _scalars(folder) -> dict:
     return out
 
 
-def test_tensorboard_gets_the_same_metrics_as_metrics_jsonl(tiny_sd, tmp_path, monkeypatch):
+def test_tensorboard_gets_the_same_metrics_as_metrics_jsonl(tiny_sd, tmp_path):
     pytest.importorskip("tensorboardX")
     data = make_dataset(tmp_path / "data", n=2)
     path = write_profile(tmp_path / "tb.toml", tiny_sd, data, tmp_path / "run",
-                         train={"max_steps": 3, "save_steps": 3})
+                         train={"max_steps": 3, "save_steps": 3, "log_with": "tensorboard"})
     run_dir, _ = runs.start(profiles.load(str(path)))
-    _with_log_with(monkeypatch, "tensorboard")
     assert training.run(run_dir).status == "finished"
     rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     scalars = _scalars(run_dir / "logs" / "tensorboard")

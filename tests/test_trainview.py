@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from loracli import trainview
+from loracli.ui import trainview
 
 ROOT = Path(__file__).resolve().parent.parent
 CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
@@ -96,7 +96,7 @@ def in_pty(argv: list[str], columns: int, env: dict | None = None, cwd=None, tim
 
 DRIVER = """
 import time
-from loracli import output, trainview
+from loracli.ui import output, trainview
 view = trainview.LiveView()
 with view:
     view.on_start({"run": "output/anime-style", "profile": "anime", "family": "sd1",

@@ -1,0 +1,1 @@
+"""One thin Typer command per module (the table is in `loracli.cli`)."""

@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from loracli import output
-from loracli.hubview import human_size
-from loracli.options import CachedModelArg
+from loracli.ui import output
+from loracli.ui.hubview import human_size
+from loracli.ui.options import CachedModelArg
 
 
 def _model_names(incomplete: str) -> list[str]:
-    from loracli import models
+    from loracli.hub import models
 
     return models.complete_name(incomplete)
 
@@ -26,7 +26,7 @@ ModelArg = typer.Argument(..., help="Alias or org/name.", autocompletion=_model_
 @app.command("list")
 def list_(json: bool = JsonOpt) -> None:
     """Models in the cache: size, commit, last sync, and missing files (damaged)."""
-    from loracli import modelcache
+    from loracli.hub import modelcache
 
     rows = modelcache.cached()
     if not rows and not json:
@@ -45,7 +45,7 @@ def verify(
 ) -> None:
     """Re-hash cached files; corrupt ones are deleted so `lora fetch` gets them again. A damaged
     model is reported (exit 1) until it is fetched again."""
-    from loracli import modelcache
+    from loracli.hub import modelcache
 
     reports = modelcache.verify(model)
     if not json:
@@ -73,8 +73,8 @@ def rm(
 ) -> None:
     """Remove a model from the cache (every revision) and stop tracking it. Asks first on a
     terminal; scripts pass --yes."""
-    from loracli import modelcache
     from loracli.errors import LoraError
+    from loracli.hub import modelcache
 
     plan = modelcache.remove(model, dry_run=True)
     what = f"{plan['repo_id']} ({len(plan['revisions'])} revision(s), {human_size(plan['freed'])})"

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from loracli import output
-from loracli.options import JsonOpt
+from loracli.ui import output
+from loracli.ui.options import JsonOpt
 
 
 def caption(
@@ -34,7 +34,7 @@ def caption(
 
     Weights come from the model cache only (`lora fetch clip-vit-l-14`); nothing is downloaded.
     """
-    from loracli import captioning
+    from loracli.captioning import job as captioning
 
     options = captioning.Options(
         labels=tuple(labels or ()), model=model, weights=weights, prefix=prefix, ext=ext,

@@ -2,14 +2,14 @@
 
 This is the one installer: `lora completion bash > ~/.lora-complete.bash` and source it. The
 script calls back into `lora` with `_LORA_COMPLETE=complete_SHELL`, which Typer answers with the
-values of each argument's completer (`loracli.completers`), importing nothing heavy.
+values of each argument's completer (`loracli.ui.completers`), importing nothing heavy.
 """
 
 from __future__ import annotations
 
 import typer
 
-from loracli import completers
+from loracli.ui import completers
 
 SHELLS = ("bash", "zsh", "fish")
 FILES = {"bash": "lora.bash", "zsh": "_lora", "fish": "lora.fish"}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loracli import output
-from loracli.options import JsonOpt
+from loracli.ui import output
+from loracli.ui.options import JsonOpt
 
 
 def doctor(json: JsonOpt = False) -> None:

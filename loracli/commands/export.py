@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from loracli import output
-from loracli.options import RunArg
+from loracli.ui import output
+from loracli.ui.options import RunArg
 
 
 class Format(str, Enum):
@@ -17,6 +17,7 @@ class Format(str, Enum):
     diffusers = "diffusers"
     peft = "peft"
     merged = "merged"
+    gguf = "gguf"
 
 
 class Dtype(str, Enum):
@@ -30,7 +31,9 @@ def export(
     format: Format = typer.Option(Format.kohya, "--format", "-f",
                                   help="kohya: WebUI/ComfyUI/diffusers file; diffusers: "
                                        "pytorch_lora_weights.safetensors; peft: adapter folders; "
-                                       "merged: a full pipeline with the LoRA fused in."),
+                                       "merged: a full pipeline with the LoRA fused in. "
+                                       "Language-model runs: peft (their default), merged, "
+                                       "gguf (a llama.cpp/Ollama adapter)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
     dtype: Dtype = typer.Option(Dtype.fp16, "--dtype", help="Tensor precision of the file."),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (file or folder)."),
@@ -43,8 +46,8 @@ def export(
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Export a trained LoRA (default: kohya .safetensors, the WebUI layout, fp16)."""
-    from loracli import compat
-    from loracli import export as exporting
+    from loracli.exporting import compat
+    from loracli.exporting import export as exporting
 
     result = exporting.export(run, format=format.value, step=step, dtype=dtype.value, output=out,
                               name=name, force=force, weight=weight, keep_paths=keep_paths)

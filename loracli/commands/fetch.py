@@ -6,18 +6,18 @@ from typing import List, Optional
 
 import typer
 
-from loracli import output
-from loracli.hubview import Reporter, human_size
+from loracli.ui import output
+from loracli.ui.hubview import Reporter, human_size
 
 
 def _model_names(incomplete: str) -> list[str]:
-    from loracli import models
+    from loracli.hub import models
 
     return models.complete_name(incomplete)
 
 
 def _mirror_names(incomplete: str) -> list[str]:
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     return [n for n in mirrors.names() if n.startswith(incomplete)]
 
@@ -43,7 +43,7 @@ def fetch(
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Download a model into the cache: resumable, sha256-verified, with mirror fallback."""
-    from loracli import hub
+    from loracli.hub import client as hub
 
     reporter = Reporter()
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from loracli import output
-from loracli.options import LoraFileArg
+from loracli.ui import output
+from loracli.ui.options import LoraFileArg
 
 
 def inspect(
@@ -13,7 +13,7 @@ def inspect(
     json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show what a LoRA file holds: format, rank, alpha, base model, modules, metadata."""
-    from loracli import compat, inspection
+    from loracli.exporting import compat, inspection
 
     report = inspection.inspect_lora(file)
     output.emit(report, json, _render)

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from loracli import output
-from loracli.options import MirrorOpt
+from loracli.ui import output
+from loracli.ui.options import MirrorOpt
 
 app = typer.Typer(help="Mirrors: list, add, remove, use, test; sync tracked models (cron) and status.",
                   no_args_is_help=True)
@@ -16,7 +16,7 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.
 
 
 def _complete(incomplete: str) -> list[str]:
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     return [n for n in mirrors.names() if n.startswith(incomplete)]
 
@@ -27,7 +27,7 @@ NameArg = typer.Argument(..., help="Mirror name (or an http(s) URL).", autocompl
 @app.command("list")
 def list_(json: bool = JsonOpt) -> None:
     """List built-in and your mirrors, in the fallback order that `lora fetch` uses."""
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     rows = mirrors.listing()
     output.emit(rows, json, _render_list)
@@ -48,7 +48,7 @@ def add(
     json: bool = JsonOpt,
 ) -> None:
     """Add a mirror."""
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     m = mirrors.add(name, url, kind, force=force)
     output.note(f"added {name}; try it first with `lora mirror use {name} hf-mirror hf`")
@@ -58,7 +58,7 @@ def add(
 @app.command()
 def remove(name: str = NameArg, json: bool = JsonOpt) -> None:
     """Remove one of your mirrors."""
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     m = mirrors.remove(name)
     output.note(f"removed {name}")
@@ -72,7 +72,7 @@ def use(
     json: bool = JsonOpt,
 ) -> None:
     """Set the fallback order for `lora fetch` and `lora mirror sync`: the first is tried first."""
-    from loracli import mirrors
+    from loracli.hub import mirrors
 
     chosen = mirrors.use(names)
     output.note("mirror order: " + " → ".join(f"{m.name} ({m.url})" for m in chosen))
@@ -92,8 +92,8 @@ def test(
     serve a small known file? Exit 1 when none does."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loracli import health, mirrors
     from loracli.errors import LoraError
+    from loracli.hub import health, mirrors
 
     chosen = [mirrors.get(n) for n in names] if names else list(mirrors.all_mirrors().values())
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -135,8 +135,8 @@ def sync(
     json: bool = JsonOpt,
 ) -> None:
     """Bring every tracked model to its mirror's current commit (cron-friendly; exit 1 if any failed)."""
-    from loracli import sync as sync_lib
-    from loracli.hubview import Reporter
+    from loracli.hub import sync as sync_lib
+    from loracli.ui.hubview import Reporter
 
     reporter = Reporter()
     try:
@@ -152,7 +152,7 @@ def sync(
 @app.command()
 def status(json: bool = JsonOpt) -> None:
     """The last sync of each tracked model (tunasync-style)."""
-    from loracli import sync as sync_lib
+    from loracli.hub import sync as sync_lib
 
     rows = sync_lib.status_rows()
     if not rows and not json:
@@ -161,7 +161,7 @@ def status(json: bool = JsonOpt) -> None:
 
 
 def _render_status(rows: list[dict]) -> None:
-    from loracli.hubview import human_size
+    from loracli.ui.hubview import human_size
 
     shown = [{**r, "commit": (r.get("commit") or "")[:7], "size": human_size(r.get("size") or 0),
               "last_update": r.get("last_update") or "never", "error": r.get("error_msg", "")}

@@ -9,9 +9,9 @@ import subprocess
 
 import typer
 
-from loracli import completers, output
 from loracli.errors import LoraError
-from loracli.options import JsonOpt, ProfileNameArg, ProfileOrFileArg, SetOpt
+from loracli.ui import completers, output
+from loracli.ui.options import JsonOpt, ProfileNameArg, ProfileOrFileArg, SetOpt
 
 app = typer.Typer(help="Training profiles: list, show, create, edit, validate.", no_args_is_help=True)
 

@@ -7,9 +7,9 @@ import sys
 
 import typer
 
-from loracli import output
-from loracli.options import (AccelerateConfigOpt, IpOpt, JsonOpt, MachinesOpt, PortOpt,
-                             ProcessesOpt, RankOpt, RunArg, WaitOpt)
+from loracli.ui import output
+from loracli.ui.options import (AccelerateConfigOpt, IpOpt, JsonOpt, MachinesOpt, PortOpt,
+                                ProcessesOpt, RankOpt, RunArg, WaitOpt)
 
 
 def resume(
@@ -26,7 +26,8 @@ def resume(
     json: JsonOpt = False,
 ) -> None:
     """Continue a run from its newest complete checkpoint: same batches, same RNG, same result."""
-    from loracli import jobs, trainview
+    from loracli.training import jobs
+    from loracli.ui import trainview
 
     machines = jobs.Machines(num_machines, machine_rank, main_process_ip, main_process_port,
                              accelerate_config)

@@ -7,9 +7,9 @@ import sys
 
 import typer
 
-from loracli import output
-from loracli.options import (AccelerateConfigOpt, ConfigOpt, IpOpt, JsonOpt, MachinesOpt, PortOpt,
-                             ProcessesOpt, ProfileOpt, RankOpt, SetOpt, WaitOpt)
+from loracli.ui import output
+from loracli.ui.options import (AccelerateConfigOpt, ConfigOpt, IpOpt, JsonOpt, MachinesOpt,
+                                PortOpt, ProcessesOpt, ProfileOpt, RankOpt, SetOpt, WaitOpt)
 
 
 def train(
@@ -28,7 +28,8 @@ def train(
     json: JsonOpt = False,
 ) -> None:
     """Train a LoRA; re-running it continues an interrupted run."""
-    from loracli import jobs, trainview
+    from loracli.training import jobs
+    from loracli.ui import trainview
 
     machines = jobs.Machines(num_machines, machine_rank, main_process_ip, main_process_port,
                              accelerate_config)

@@ -48,7 +48,7 @@ class Transformer:
     recognizes_checkpoint: Callable[[list], bool]
     alias: str                             # the cached model whose configs a single file uses
     kohya_prefixes: Mapping[str, str]
-    kohya_unet_layout: str                 # "flux" | "mmdit": see loracli.convert_dit
+    kohya_unet_layout: str                 # "flux" | "mmdit": see loracli.exporting.convert_dit
     base_version: str
     modelspec_prefix: str                  # the whole modelspec architecture (before "/lora")
     modelspec_implementation: str

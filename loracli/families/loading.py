@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loracli import families
-from loracli.families.base import Configs, Family
 from loracli.errors import LoraError
+from loracli.families.base import Configs, Family
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -122,7 +122,7 @@ def check_component(folder: Path, name: str, fix: str, cls: str = "") -> dict:
 
 def check_vae(vae: str) -> dict | None:
     """A `model.vae` override checked like a base; its config (None for a single file)."""
-    from loracli import models
+    from loracli.hub import models
 
     path = Path(vae).expanduser()
     if not path.exists():
@@ -160,7 +160,7 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
 
     A model missing from the cache raises `LoraError` whose hint is the `lora fetch` command.
     """
-    from loracli import models
+    from loracli.hub import models
 
     repo = commit = None
     if _looks_like_path(model):
@@ -223,8 +223,8 @@ def _loaded(what: str, load):
 def load_components(base: Base, family: Family, vae: str = "", quantize: str = "",
                     compute_dtype=None) -> dict:
     """The base model's parts by component name, on the CPU, fp32, offline, safetensors only
-    (the denoiser 4-bit when `quantize` is "nf4", see `loracli.quantize`)."""
-    from loracli import quantize as q
+    (the denoiser 4-bit when `quantize` is "4bit", see `loracli.training.quantize`)."""
+    from loracli.training import quantize as q
 
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -245,7 +245,7 @@ def load_components(base: Base, family: Family, vae: str = "", quantize: str = "
             str(base.path), config=str(base.config_dir), local_files_only=True))
         parts = {n: getattr(pipe, n) for n in family.components}
     else:
-        extra = q.load_kwargs(quantize, compute_dtype)  # nf4: the denoiser is loaded 4-bit
+        extra = q.load_kwargs(quantize, compute_dtype)  # 4bit: the denoiser is loaded as NF4
         parts = _from_folder(base.path, family, vae, skip=family.denoiser if extra else "")
         if extra:
             parts.update(_from_folder(base.path, family, vae, only=family.denoiser, extra=extra))
@@ -296,7 +296,7 @@ def single_file_denoiser(path: Path, config_dir: Path, family: Family, extra: di
 def _load_vae(vae: str):
     from diffusers import AutoencoderKL
 
-    from loracli import models
+    from loracli.hub import models
 
     check_vae(vae)
     path = Path(vae).expanduser()

@@ -1,0 +1,1 @@
+"""`lora caption`: CLIP labels ranked into captions, written as .txt files and metadata.csv."""

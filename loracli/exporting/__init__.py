@@ -1,0 +1,1 @@
+"""`lora export` and `lora inspect`: conversions, metadata, loader compatibility, writers."""

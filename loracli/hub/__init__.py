@@ -1,0 +1,1 @@
+"""The hub: the only code that talks to the network (fetch, mirrors, the model cache, sync)."""

@@ -1,0 +1,77 @@
+"""A causal-LM run folder: how `lora train` tells one apart and how it starts.
+
+The layout is the image runs' (`loracli.training.runs`): profile.toml, run.json, dataset.json,
+checkpoints/step-N/ (here one component, `model/`, in peft's format), logs/, samples/ (JSONL
+answers), plus `chat_template.jinja`, the template the run trains with. `run.json`'s base has
+`family = "causal-lm"`, which is how `train`, `resume` and `export` tell an LLM run apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from loracli import atomic
+from loracli.errors import LoraError
+from loracli.llm import data
+from loracli.llm.task import COMPONENT, resolve_base
+
+FAMILY = "causal-lm"
+
+
+def is_causal_lm(folder: Path) -> bool:
+    """A transformers folder of a `…ForCausalLM` (and not a diffusers pipeline)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def wants(profile) -> bool:
+    """Whether a profile trains a causal LM: model.family says so, or its base is one."""
+    family = getattr(profile.model, "family", "auto")
+    if family == FAMILY:
+        return True
+    if family != "auto":
+        return False
+    try:
+        return is_causal_lm(resolve_base(profile.model.base))
+    except LoraError:  # not a transformers folder, or not cached: the image path reports it
+        return False
+
+
+def write_start(run_dir: Path, profile, version: str) -> Path:
+    """run.json and dataset.json of a new LLM run (the caller has written profile.toml)."""
+    base = resolve_base(profile.model.base)
+    examples = data.load(profile.data.dir, getattr(profile.data, "format", "auto"))
+    commit = base.name if len(base.name) == 40 else None
+    repo = None
+    if commit:  # a hub-cache snapshot: named by its repo in exports
+        from loracli.hub import models
+
+        repo = models.resolve(profile.model.base).repo_id
+    atomic.write_json(Path(run_dir) / "dataset.json", {
+        "examples": len(examples), "kinds": data.kinds(examples),
+        "fingerprint": data.fingerprint(profile.data.dir)})
+    atomic.write_json(Path(run_dir) / "run.json", {
+        "lora_version": version,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name, "components": [COMPONENT],
+        "base": {"model": profile.model.base, "path": str(base), "family": FAMILY,
+                 "repo": repo, "commit": commit,
+                 "quantize": getattr(profile.model, "quantize", "")}})
+    return Path(run_dir)
+
+
+def is_llm_run(run_dir: Path) -> bool:
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return info.get("base", {}).get("family") == FAMILY

@@ -1,0 +1,1 @@
+"""`lora train` and `lora resume`: run folders, the loop, tasks, checkpoints, launching."""

@@ -1,0 +1,1 @@
+"""Terminal presentation for the commands: output, shared options, completion, live views."""
