@@ -40,9 +40,10 @@ class ModelSection:
     prediction_type: str = _f("auto", "noise target; auto reads the model's scheduler "
                                       "(SD2 768 models use v_prediction)",
                               choices=("auto", "epsilon", "v_prediction"))
-    quantize: str = _f("", "language models: \"4bit\" loads the base in 4-bit NF4 with double "
-                           "quantization (QLoRA, bitsandbytes); \"\" keeps full precision",
-                       choices=("", "4bit"))
+    quantize: str = _f("", "\"4bit\": the base in 4-bit NF4 through bitsandbytes, CUDA only "
+                           "(language models: QLoRA, double quant; FLUX/SD3.5: the transformer); "
+                           "\"fp8\": FLUX/SD3.5 transformer weights stored in float8, cast up "
+                           "per layer; \"\" keeps full precision", choices=("", "4bit", "fp8"))
 
 
 @dataclass(frozen=True)

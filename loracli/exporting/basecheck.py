@@ -29,7 +29,10 @@ def base_folder(r: Run) -> tuple[Path, Path]:
     if path.is_dir():
         return path, path
     config_dir = Path(base.get("config_dir") or "").expanduser()
-    if not base.get("config_dir") or not (config_dir / "unet" / "config.json").is_file():
+    from loracli import families
+
+    denoiser = families.get(r.family).denoiser if r.family in families.names() else "unet"
+    if not base.get("config_dir") or not (config_dir / denoiser / "config.json").is_file():
         raise LoraError(f"{path} is a single-file checkpoint and run.json names no diffusers "
                         "config folder for it", "lora fetch sd15 (or sdxl, sd21) for the configs")
     return path, config_dir

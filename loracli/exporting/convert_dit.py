@@ -201,3 +201,34 @@ def native(modules: list[LoraModule], found: dict[str, dict], family, config_dir
                 continue  # a module with no native name cannot be in a kohya file anyway
         renamed[family.denoiser] = names
     return to_native(modules, layout, config), renamed
+
+
+def kohya_family(stems: list[str], version: str):
+    """The FLUX/SD3 family whose kohya file these module stems are, or None (`lora inspect`).
+
+    kohya writes every denoiser as `lora_unet_…`; the native block names (`double_blocks`,
+    `single_blocks`, `joint_blocks`) or a recorded `ss_base_model_version` tell a transformer.
+    Without metadata a family is returned only when the layout's families agree on the
+    version (both FLUX.1 are "flux1"; SD3.5 medium and large differ: the one that matches
+    first is returned, and the caller keeps its own version).
+    """
+    from loracli import families
+
+    dits = [f for f in families.all() if f.kohya_unet_layout in LAYOUTS]
+    for family in dits:
+        if family.base_version == version:
+            return family
+    for family in dits:
+        prefix = family.kohya_prefixes[family.denoiser] + "_"
+        blocks = tuple(prefix + b + "_" for b, _, _ in LAYOUTS[family.kohya_unet_layout][0])
+        if any(s.startswith(blocks) for s in stems):
+            return family
+    return None
+
+
+def transformer_component(stem: str, family) -> str | None:
+    """The component of `family` a kohya stem belongs to (longest prefix first)."""
+    for component, prefix in sorted(family.kohya_prefixes.items(), key=lambda kv: -len(kv[1])):
+        if stem.startswith(prefix + "_"):
+            return component
+    return None

@@ -86,7 +86,14 @@ def _load_pipeline(base: Path, config_dir: Path, family: str):
     if base.is_file():
         from loracli import families
 
-        cls = getattr(diffusers, families.get(family).pipeline)
+        fam = families.get(family)
+        cls = getattr(diffusers, fam.pipeline)
+        if fam.denoiser == "transformer":  # BFL/SAI files: the rest from the cached model
+            from loracli.families import loading
+
+            denoiser = loading.single_file_denoiser(base, config_dir, fam)
+            return cls.from_pretrained(str(config_dir), dtype=torch.float32,
+                                       local_files_only=True, **{fam.denoiser: denoiser})
         return cls.from_single_file(str(base), config=str(config_dir), dtype=torch.float32,
                                     local_files_only=True)
     return diffusers.DiffusionPipeline.from_pretrained(str(base), dtype=torch.float32,

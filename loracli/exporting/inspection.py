@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loracli import families
 from loracli.errors import LoraError
-from loracli.exporting import compat, convert
+from loracli.exporting import compat, convert, convert_dit
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,16 @@ def inspect_lora(path: str | Path) -> dict:
         metadata.update(header)
     if not entries:
         raise LoraError(f"{path}: no LoRA modules found", "pass a LoRA .safetensors file")
+    version, dit = metadata.get("ss_base_model_version", ""), None
+    if fmt == "kohya":  # FLUX/SD3: kohya's lora_unet_ is the transformer (loracli.convert_dit)
+        dit = convert_dit.kohya_family([e.name for e in entries], version)
+    if dit is not None:
+        entries = [replace(e, component=convert_dit.transformer_component(e.name, dit)
+                           or e.component) for e in entries]
+        version = version or _dit_version(dit, metadata.get("modelspec.architecture", ""))
+    else:
+        version = _version(metadata, entries, files, fmt)
     modules = dict(sorted(Counter(e.component for e in entries).items()))
-    version = _version(metadata, entries, files, fmt)
     return {
         "path": str(path),
         "format": fmt,
@@ -206,6 +214,15 @@ def _peft_config(file: Path) -> dict | None:
         return json.loads(config.read_text("utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _dit_version(dit, arch: str) -> str:
+    """A FLUX/SD3 kohya file without ss_base_model_version: its modelspec architecture, or the
+    version every family of its layout shares (FLUX.1 dev and schnell are both "flux1")."""
+    alike = [f for f in families.all() if f.kohya_unet_layout == dit.kohya_unet_layout]
+    named = [f.base_version for f in alike if arch and arch.startswith(f.modelspec_prefix)]
+    shared = {f.base_version for f in alike}
+    return named[0] if named else (shared.pop() if len(shared) == 1 else "unknown")
 
 
 def _version(metadata: dict, entries: list, files: list, fmt: str) -> str:

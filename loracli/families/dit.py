@@ -59,6 +59,7 @@ class Transformer:
     denoiser: str = "transformer"
     ss_v2: bool = False
     context_width: int | None = None
+    check_single_file: Callable | None = None  # (path) → None, or a LoraError: before a run
 
     @property
     def components(self) -> tuple[str, ...]:

@@ -92,6 +92,31 @@ def _is_flux_file(keys, guidance: bool) -> bool:
         ("guidance_in.in_layer.weight" in names) == guidance
 
 
+# diffusers' FLUX single-file converter (loaders/single_file_utils.py
+# `convert_flux_transformer_checkpoint_to_diffusers`, diffusers 0.42) splits the fused tensors at
+# this hard-coded width: it loads FLUX.1's own files, and no transformer of another width
+FLUX1_WIDTH = 3072
+
+
+def check_single_file(path) -> None:
+    """A BFL-layout FLUX file that diffusers' converter cannot split is refused before a run."""
+    from safetensors import safe_open
+
+    from loracli.errors import LoraError
+
+    with safe_open(str(path), framework="pt") as f:
+        key = next((k for k in f.keys() if k.endswith("double_blocks.0.img_attn.qkv.weight")),
+                   None)
+        width = int(f.get_slice(key).get_shape()[1]) if key else FLUX1_WIDTH
+    if width != FLUX1_WIDTH:
+        raise LoraError(f"{path}: a FLUX single-file checkpoint whose transformer is {width} "
+                        f"wide; diffusers' single-file loader, which lora uses, only splits "
+                        f"FLUX.1's own width ({FLUX1_WIDTH})",
+                        "set model.base to this model as a diffusers folder (model_index.json "
+                        "with transformer/, vae/, text_encoder/ …), e.g. one written by "
+                        "FluxPipeline.save_pretrained")
+
+
 def _flux(name: str, guidance: float | None, t5_length: int, alias: str, arch: str):
     has = guidance is not None
     return Transformer(
@@ -105,7 +130,7 @@ def _flux(name: str, guidance: float | None, t5_length: int, alias: str, arch: s
         kohya_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1"},
         kohya_unet_layout="flux", base_version="flux1", modelspec_prefix=arch,
         modelspec_implementation=BFL, unet_targets=TARGETS,
-        flow=FlowMatching(density="uniform"), packed=True)
+        flow=FlowMatching(density="uniform"), packed=True, check_single_file=check_single_file)
 
 
 FLUX_DEV = _flux("flux-dev", GUIDANCE, 512, "flux-dev", "flux-1-dev")

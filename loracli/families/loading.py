@@ -180,6 +180,8 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
         keys = safetensors_keys(path, "model.base")
         fam = families.get(family) if family != "auto" else \
             families.get(families.detect_checkpoint(keys, str(path)))
+        if getattr(fam, "check_single_file", None):  # what this family's loader cannot read
+            fam.check_single_file(path)
         alias = fam.config_alias(prediction)
         try:
             config_dir = models.local_snapshot(alias)
@@ -187,6 +189,9 @@ def resolve_base(model: str, family: str = "auto", prediction: str = "auto",
             raise LoraError(f"{path.name} is a single-file checkpoint; its configs come from "
                             f"{alias}, which is not in the model cache",
                             f"lora fetch {alias}") from e
+        if fam.denoiser == "transformer":  # its VAE and text encoders come from that model
+            _check_folder(config_dir, fam, bool(vae), f"`lora cache rm {alias}`, then "
+                          f"`lora fetch {alias}`")
     else:
         config_dir = path
         fam = families.get(family if family != "auto" else families.detect(path))
@@ -215,16 +220,24 @@ def _loaded(what: str, load):
                         f"{DAMAGED}, or point the profile at another model") from e
 
 
-def load_components(base: Base, family: Family, vae: str = "") -> dict:
-    """The base model's parts by component name, on the CPU, fp32, offline, safetensors only."""
-    import importlib
+def load_components(base: Base, family: Family, vae: str = "", quantize: str = "",
+                    compute_dtype=None) -> dict:
+    """The base model's parts by component name, on the CPU, fp32, offline, safetensors only
+    (the denoiser 4-bit when `quantize` is "4bit", see `loracli.training.quantize`)."""
+    from loracli.training import quantize as q
 
     import diffusers.utils.logging
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    if base.path.is_file():
+    if base.path.is_file() and family.denoiser == "transformer":
+        # BFL's and SAI's files hold the transformer (SAI's also a VAE, ComfyUI's sometimes the
+        # encoders): it comes from the file, the rest from the cached model whose configs it uses
+        parts = _from_folder(base.config_dir, family, vae, skip=family.denoiser)
+        parts[family.denoiser] = _single_file_denoiser(base, family, q.load_kwargs(
+            quantize, compute_dtype))
+    elif base.path.is_file():
         import diffusers
 
         safetensors_keys(base.path, "model.base")
@@ -232,23 +245,52 @@ def load_components(base: Base, family: Family, vae: str = "") -> dict:
             str(base.path), config=str(base.config_dir), local_files_only=True))
         parts = {n: getattr(pipe, n) for n in family.components}
     else:
-        index = Configs(base.path).index
-        parts = {}
-        for name in family.components:
-            if name == "vae" and vae:
-                continue
-            if name not in index or index[name][0] is None:
-                raise LoraError(f"{base.path}: has no {name} (model_index.json)",
-                                f"is it really an {family.name} model? set model.family")
-            library, cls = index[name]
-            loader = getattr(importlib.import_module(library), cls)
-            extra = {"use_safetensors": True} if (base.path / name / "config.json").is_file() \
-                else {}
-            parts[name] = _loaded(f"{base.path / name}", lambda: loader.from_pretrained(
-                base.path, subfolder=name, local_files_only=True, **extra))
+        extra = q.load_kwargs(quantize, compute_dtype)  # 4bit: the denoiser is loaded as NF4
+        parts = _from_folder(base.path, family, vae, skip=family.denoiser if extra else "")
+        if extra:
+            parts.update(_from_folder(base.path, family, vae, only=family.denoiser, extra=extra))
     if vae:
         parts["vae"] = _load_vae(vae)
     return parts
+
+
+def _from_folder(folder: Path, family: Family, vae: str, skip: str = "", only: str = "",
+                 extra: dict | None = None) -> dict:
+    """Components of a diffusers folder by name (the VAE too unless `vae` overrides it)."""
+    import importlib
+
+    index = Configs(folder).index
+    parts = {}
+    for name in family.components:
+        if (name == "vae" and vae) or name == skip or (only and name != only):
+            continue
+        if name not in index or index[name][0] is None:
+            raise LoraError(f"{folder}: has no {name} (model_index.json)",
+                            f"is it really an {family.name} model? set model.family")
+        library, cls = index[name]
+        loader = getattr(importlib.import_module(library), cls)
+        kwargs = {"use_safetensors": True} if (folder / name / "config.json").is_file() else {}
+        kwargs.update(extra or {})
+        parts[name] = _loaded(f"{folder / name}", lambda: loader.from_pretrained(
+            folder, subfolder=name, local_files_only=True, **kwargs))
+    return parts
+
+
+def _single_file_denoiser(base: Base, family: Family, extra: dict):
+    return single_file_denoiser(base.path, base.config_dir, family, extra)
+
+
+def single_file_denoiser(path: Path, config_dir: Path, family: Family, extra: dict | None = None):
+    """The denoiser of a single-file checkpoint, through diffusers' converter for its class
+    (the class and config of `config_dir`'s, the cached model the file belongs to)."""
+    import importlib
+
+    safetensors_keys(path, "model.base")
+    library, cls = Configs(config_dir).index[family.denoiser]
+    loader = getattr(importlib.import_module(library), cls)
+    return _loaded(str(path), lambda: loader.from_single_file(
+        str(path), config=str(config_dir), subfolder=family.denoiser, local_files_only=True,
+        **(extra or {})))
 
 
 def _load_vae(vae: str):

@@ -13,6 +13,7 @@ from loracli import atomic, families, profiles
 from loracli.errors import LoraError
 from loracli.families import loading
 from loracli.training import checkpoints
+from loracli.training import quantize as q
 from loracli.training import dataset as ds
 from loracli.training import runs
 
@@ -44,7 +45,9 @@ class Model:
         self.family = families.get(self.base.family)
         self.prediction = self.base.prediction_type
         self.objective = self.family.objective(self.prediction)
-        parts = loading.load_components(self.base, self.family, profile.model.vae)
+        quantize = profile.model.quantize
+        parts = loading.load_components(self.base, self.family, profile.model.vae, quantize,
+                                        weight_dtype)
         self.denoiser = self.family.denoiser  # "unet" or "transformer": its adapter's name
         self.unet, self.vae = parts[self.denoiser], parts["vae"]
         self.encoders = [parts[n] for n in self.family.text_encoders]
@@ -66,9 +69,11 @@ class Model:
         torch.manual_seed(seed_from(profile.train.seed, 3))
         for module in (self.unet, self.vae, *self.encoders):
             module.requires_grad_(False)
-            module.to(device)
-            if weight_dtype != torch.float32:
+            if not q.is_quantized(module):  # 4-bit weights are placed when loaded
+                module.to(device)
+            if weight_dtype != torch.float32 and not q.is_quantized(module):
                 module.to(dtype=weight_dtype)
+        q.store(self.unet, quantize, weight_dtype)  # fp8: stored in float8, upcast per layer
         for name, config in self.configs.items():
             module = parts[name]
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)

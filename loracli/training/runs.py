@@ -99,6 +99,7 @@ def start(profile, restart: bool = False,
     from loracli import __version__, atomic, families
     from loracli.families import loading
     from loracli.training import dataset as ds
+    from loracli.training import quantize
 
     warn = on_warning or (lambda _m: None)
     profile = _frozen(profile)
@@ -134,6 +135,7 @@ def start(profile, restart: bool = False,
     base = loading.resolve_base(profile.model.base, profile.model.family,
                                 profile.model.prediction_type, profile.model.vae)
     family = families.get(base.family)
+    quantize.check(profile.model.quantize, family)  # before anything is written
     examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained = list(family.trainable) if profile.lora.train_text_encoder else [family.denoiser]
