@@ -3,7 +3,8 @@
 The layout is the image runs' (`loracli.training.runs`): profile.toml, run.json, dataset.json,
 checkpoints/step-N/ (here one component, `model/`, in peft's format), logs/, samples/ (JSONL
 answers), plus `chat_template.jinja`, the template the run trains with. `run.json`'s base has
-`family = "causal-lm"`, which is how `train`, `resume` and `export` tell an LLM run apart.
+`family = "causal-lm"`: `train`, `resume` and `export` ask that family (`loracli.families.causal_lm`)
+for the hooks here, in `loracli.llm.task` and in `loracli.llm.runexport`.
 """
 
 from __future__ import annotations
@@ -33,17 +34,20 @@ def is_causal_lm(folder: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
-def wants(profile) -> bool:
-    """Whether a profile trains a causal LM: model.family says so, or its base is one."""
-    family = getattr(profile.model, "family", "auto")
-    if family == FAMILY:
-        return True
-    if family != "auto":
-        return False
+def is_causal_lm_base(base: str) -> bool:
+    """Whether model.base resolves to a causal LM (how `model.family = "auto"` finds one)."""
     try:
-        return is_causal_lm(resolve_base(profile.model.base))
+        return is_causal_lm(resolve_base(base))
     except LoraError:  # not a transformers folder, or not cached: the image path reports it
         return False
+
+
+def start_run(run_dir: Path, profile, version: str, warn=None) -> None:
+    """A new LLM run: profile.toml, then run.json and dataset.json (the family's start hook)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir / "profile.toml", profile.to_toml())
+    write_start(run_dir, profile, version)
 
 
 def write_start(run_dir: Path, profile, version: str) -> Path:
