@@ -28,13 +28,12 @@ class Dtype(str, Enum):
 
 def export(
     run: RunArg,
-    format: Optional[Format] = typer.Option(None, "--format", "-f",
-                                            help="kohya (the default): WebUI/ComfyUI/diffusers "
-                                                 "file; diffusers: pytorch_lora_weights.safetensors; "
-                                                 "peft: adapter folders; merged: a full pipeline "
-                                                 "with the LoRA fused in. Language-model runs: peft "
-                                                 "(their default), merged, gguf (a llama.cpp/Ollama "
-                                                 "adapter)."),
+    format: Optional[Format] = typer.Option(
+        None, "--format", "-f",
+        help="kohya (the default): WebUI/ComfyUI/diffusers file; diffusers: "
+             "pytorch_lora_weights.safetensors; peft: adapter folders; merged: a full pipeline "
+             "with the LoRA fused in. Language-model runs: peft (their default), merged, gguf "
+             "(a llama.cpp/Ollama adapter)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
     dtype: Dtype = typer.Option(Dtype.fp16, "--dtype", help="Tensor precision of the file."),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (file or folder)."),

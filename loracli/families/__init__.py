@@ -20,7 +20,8 @@ from loracli.families.flux import FAMILIES as _FLUX
 from loracli.families.sd import FAMILIES as _SD
 from loracli.families.sd3 import FAMILIES as _SD3
 
-_BUILT_IN = (*_SD, *_FLUX, *_SD3, *_CAUSAL_LM)  # most general first: detection asks the last one first
+# most general first: detection asks the last one first
+_BUILT_IN = (*_SD, *_FLUX, *_SD3, *_CAUSAL_LM)
 
 _REGISTRY: dict[str, Family] = {}
 

@@ -85,11 +85,16 @@ class RunKind:
 
     Each hook is a "module:attribute" reference, imported when used: the implementations (the
     training loop's tasks, the exporters) import `loracli.families`, so a family cannot import
-    them. `runs.start`, the loop, `lora export` and `lora inspect` call only these."""
+    them. `runs.start`, the loop, `lora export` and `lora inspect` call only these:
 
-    start: str                 # (run_dir, profile, version, warn): profile.toml, dataset.json, run.json
-    task: str                  # the loop's task: (run_dir, profile, accelerator, dtype, resumed, warn, status)
-    export: str                # (run_dir, format, step, dtype, output, name, force, weight, keep_paths)
+    start   (run_dir, profile, version, warn): writes profile.toml, dataset.json, run.json
+    task    (run_dir, profile, accelerator, weight_dtype, resumed, warn, status): the loop's task
+    export  (run_dir, format, step, dtype, output, name, force, weight, keep_paths): one export
+    """
+
+    start: str
+    task: str
+    export: str
     formats: tuple[str, ...]   # `lora export --format` values; the first is the default
     unit: str = "images"       # what one example of a batch is, in messages
     inspect: str = ""          # (path) -> the `lora inspect` report of a file with a suffix below
