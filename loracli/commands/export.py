@@ -28,12 +28,12 @@ class Dtype(str, Enum):
 
 def export(
     run: RunArg,
-    format: Format = typer.Option(Format.kohya, "--format", "-f",
-                                  help="kohya: WebUI/ComfyUI/diffusers file; diffusers: "
-                                       "pytorch_lora_weights.safetensors; peft: adapter folders; "
-                                       "merged: a full pipeline with the LoRA fused in. "
-                                       "Language-model runs: peft (their default), merged, "
-                                       "gguf (a llama.cpp/Ollama adapter)."),
+    format: Optional[Format] = typer.Option(
+        None, "--format", "-f",
+        help="kohya (the default): WebUI/ComfyUI/diffusers file; diffusers: "
+             "pytorch_lora_weights.safetensors; peft: adapter folders; merged: a full pipeline "
+             "with the LoRA fused in. Language-model runs: peft (their default), merged, gguf "
+             "(a llama.cpp/Ollama adapter)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
     dtype: Dtype = typer.Option(Dtype.fp16, "--dtype", help="Tensor precision of the file."),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (file or folder)."),
@@ -49,8 +49,9 @@ def export(
     from loracli.exporting import compat
     from loracli.exporting import export as exporting
 
-    result = exporting.export(run, format=format.value, step=step, dtype=dtype.value, output=out,
-                              name=name, force=force, weight=weight, keep_paths=keep_paths)
+    result = exporting.export(run, format=format.value if format else None, step=step,
+                              dtype=dtype.value, output=out, name=name, force=force,
+                              weight=weight, keep_paths=keep_paths)
     if result.already:
         output.note(f"already exported (identical file): {result.path}")
     else:

@@ -21,12 +21,20 @@ def inspect(
             output.warn(line)
 
 
+def _base(report: dict) -> str:
+    """The base model version, and the base a peft adapter records (an LLM's repo id)."""
+    version, recorded = report["base_model_version"], report.get("base_model") or ""
+    if not recorded or recorded == version:
+        return version
+    return recorded if version == "unknown" else f"{version} ({recorded})"
+
+
 def _render(report: dict) -> None:
     meta = report["metadata"]
     rows = [
         ("file", report["path"]),
         ("format", report["format"]),
-        ("base model", report["base_model_version"]),
+        ("base model", _base(report)),
         ("name", report["name"] or "-"),
         ("modules", ", ".join(f"{c} {n}" for c, n in report["modules"].items())),
         ("rank", ", ".join(map(str, report["ranks"]))),

@@ -82,7 +82,7 @@ DIT_RULES = {
 
 TEXT_RULES = {
     # transformers CLIP (SD1, SDXL's first encoder): any Linear of an encoder layer. OpenCLIP
-    # encoders are handled by OPENCLIP below.
+    # encoders are handled by the OpenCLIP rule below.
     "a1111": (r"text_model_encoder_layers_\d+_.+",),
     # model_lora_keys_clip: LORA_CLIP_MAP for layers 0-31; lora_te2_text_projection for clip_g.
     "comfyui": (r"text_model_encoder_layers_([12]?\d|3[01])_(mlp_fc1|mlp_fc2|self_attn_(q|k|v|out)_proj)",),
@@ -92,11 +92,13 @@ TEXT_RULES = {
     "diffusers": (r"text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])",
                   r"text_projection"),
 }
-EXTRA_TEXT = {("comfyui", "sdxl", "text_encoder_2"): (r"text_projection",)}
+# ComfyUI also patches the text_projection of the encoders a family names in
+# `projection_encoders` (lora_te2_text_projection: SDXL's clip_g).
+EXTRA_TEXT = {"comfyui": (r"text_projection",)}
 
-# A1111 runs SD2's encoder and SDXL's second encoder as OpenCLIP: MLP Linears are patched directly,
-# the attention is one nn.MultiheadAttention, patched only when q, k, v and out are all present.
-OPENCLIP = {"sd2": ("text_encoder",), "sdxl": ("text_encoder_2",)}
+# A1111 runs the encoders a family names in `openclip_encoders` (SD2's, SDXL's second) as OpenCLIP:
+# MLP Linears are patched directly, the attention is one nn.MultiheadAttention, patched only when
+# q, k, v and out are all present.
 OPENCLIP_DIRECT = r"text_model_encoder_layers_\d+_mlp_fc[12]"
 ATTENTION = re.compile(r"^(text_model_encoder_layers_\d+_self_attn_)(q|k|v|out)_proj$")
 PROJECTIONS = ("q", "k", "v", "out")
@@ -150,10 +152,11 @@ def _applies(loader: str, family: str, component: str, names: list[tuple[str, st
 
         rules = DIT_RULES[loader].get(families.get(family).kohya_unet_layout, ())
     elif component:
-        rules = TEXT_RULES[loader] + EXTRA_TEXT.get((loader, family, component), ())
+        rules = TEXT_RULES[loader] + (EXTRA_TEXT.get(loader, ()) if component in
+                                      _encoders(family, "projection_encoders") else ())
     else:
         rules = ()
-    openclip = loader == "a1111" and component in OPENCLIP.get(family, ())
+    openclip = loader == "a1111" and component in _encoders(family, "openclip_encoders")
     present = {name for _, name in names}
     for stem, name in names:
         if openclip:
@@ -162,6 +165,13 @@ def _applies(loader: str, family: str, component: str, names: list[tuple[str, st
                 m and all(f"{m.group(1)}{p}_proj" in present for p in PROJECTIONS))
         else:
             yield stem, any(re.fullmatch(rule, name) for rule in rules)
+
+
+def _encoders(family: str, which: str) -> tuple[str, ...]:
+    """A family's `openclip_encoders` or `projection_encoders` (none when the family is unknown)."""
+    from loracli import families
+
+    return getattr(families.get(family), which) if family else ()
 
 
 def _refusal(loader: str, by_component: dict) -> str | None:
@@ -183,7 +193,7 @@ def completions(paths: dict[str, list[str]], family: str) -> dict[str, list[str]
     for component, names in paths.items():
         if not component.startswith("text_encoder"):
             continue
-        openclip = component in OPENCLIP.get(family, ())
+        openclip = component in _encoders(family, "openclip_encoders")
         unreadable = not any(p.endswith(("self_attn.out_proj", "mlp.fc1", "mlp.fc2")) for p in names)
         if not (openclip or unreadable):
             continue

@@ -19,9 +19,10 @@ from loracli.errors import LoraError
 from loracli.exporting import basecheck, compat, convert, convert_dit, folders, provenance
 from loracli.exporting.metadata import metadata, same_safetensors, serialize
 from loracli.exporting.trained import Run, modules_of, read_json, read_run
+from loracli.families.base import DIFFUSION
 from loracli.training import runs
 
-FORMATS = ("kohya", "diffusers", "peft", "merged")
+FORMATS = DIFFUSION.formats  # kohya, diffusers, peft, merged
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -52,16 +53,25 @@ class ExportResult:
                 "zero_modules": self.zero_modules, "compatibility": self.compat}
 
 
-def export(run: str | Path, format: str = "kohya", step: int | None = None, dtype: str = "fp16",
-           output: str | Path | None = None, name: str | None = None, force: bool = False,
-           weight: float = 1.0, keep_paths: bool = False) -> ExportResult:
-    """Write one export of `run` (a run folder or a profile name); returns where and what."""
-    from loracli.llm import runexport, runfolder
+def export(run: str | Path, format: str | None = None, step: int | None = None,
+           dtype: str = "fp16", output: str | Path | None = None, name: str | None = None,
+           force: bool = False, weight: float = 1.0, keep_paths: bool = False):
+    """Write one export of `run` (a run folder or a profile name); returns where and what.
 
+    The run's family writes it (`family.runs.export`): images as below (`export_run`), a causal
+    LM by `loracli.llm.runexport`; `format` defaults to the family's first format (kohya for
+    images, peft for a language model)."""
     run_dir = runs.resolve(str(run))
-    if runfolder.is_llm_run(run_dir):  # a language model: peft (the default), merged or gguf
-        return runexport.export(run_dir, "peft" if format == "kohya" else format, step, dtype,
-                                output, name, force, weight, keep_paths)
+    kind = runs.family_of(run_dir).runs
+    return kind.load("export")(run_dir, format or kind.formats[0], step, dtype, output, name,
+                               force, weight, keep_paths)
+
+
+def export_run(run_dir: Path, format: str = "kohya", step: int | None = None,
+               dtype: str = "fp16", output: str | Path | None = None, name: str | None = None,
+               force: bool = False, weight: float = 1.0, keep_paths: bool = False
+               ) -> ExportResult:
+    """An image run's export: kohya, diffusers, peft or merged (`DIFFUSION.export`)."""
     if format not in FORMATS:
         raise LoraError(f"unknown format {format!r}", "use --format " + "|".join(FORMATS))
     if dtype not in DTYPES:
@@ -70,7 +80,7 @@ def export(run: str | Path, format: str = "kohya", step: int | None = None, dtyp
         raise LoraError("--weight only applies to --format merged",
                         "for the other formats set the strength where you load the LoRA, "
                         "e.g. <lora:NAME:0.8>")
-    r = read_run(runs.resolve(str(run)), step)
+    r = read_run(Path(run_dir), step)
     name = _check_name(name or r.info.get("profile") or r.dir.name)
     target = output_path(output, r.dir, name, format)
     base, config_dir = basecheck.base_folder(r)

@@ -23,10 +23,9 @@ class _Shape:
 def inspect_lora(path: str | Path) -> dict:
     """Format, ranks, alphas, base model version, module counts and metadata of a LoRA file."""
     path = Path(path).expanduser()
-    if path.suffix.lower() == ".gguf":  # a llama.cpp LoRA adapter of a language model
-        from loracli.llm.inspection import inspect_gguf
-
-        return inspect_gguf(path)
+    for family in families.all():  # a file of a family's own format (a causal LM's .gguf)
+        if path.suffix.lower() in family.runs.inspects:
+            return family.runs.load("inspect")(path)
     files = _files(path)
     entries, metadata, fmt, dtypes, size = [], {}, None, Counter(), 0
     for file, component in files:
@@ -63,6 +62,7 @@ def inspect_lora(path: str | Path) -> dict:
         "path": str(path),
         "format": fmt,
         "base_model_version": version,
+        "base_model": _recorded_base(files),
         "name": metadata.get("ss_output_name") or metadata.get("modelspec.title") or "",
         "modules": modules,
         "ranks": sorted({e.rank for e in entries}),
@@ -242,6 +242,15 @@ def _version(metadata: dict, entries: list, files: list, fmt: str) -> str:
     width = _context_width(files)
     return next((f.base_version for f in families.all() if width and f.context_width == width),
                 "unknown")
+
+
+def _recorded_base(files) -> str:
+    """The base model a peft adapter_config.json names (a language model's repo id), or ""."""
+    for file, _ in files:
+        name = (_peft_config(file) or {}).get("base_model_name_or_path")
+        if isinstance(name, str) and name:
+            return name
+    return ""
 
 
 def _context_width(files) -> int | None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from loracli.errors import LoraError
-from loracli.families.base import Configs, Family, Geometry
+from loracli.families.base import Configs, Family, Geometry, RunKind
+from loracli.families.causal_lm import FAMILIES as _CAUSAL_LM
 from loracli.families.flux import FAMILIES as _FLUX
 from loracli.families.sd import FAMILIES as _SD
 from loracli.families.sd3 import FAMILIES as _SD3
 
-_BUILT_IN = (*_SD, *_FLUX, *_SD3)  # most general first: detection asks the last one first
+# most general first: detection asks the last one first
+_BUILT_IN = (*_SD, *_FLUX, *_SD3, *_CAUSAL_LM)
 
 _REGISTRY: dict[str, Family] = {}
 
@@ -50,6 +52,20 @@ def get(name: str) -> Family:
     except KeyError:
         raise LoraError(f"unknown model family {name!r}",
                         f"set model.family to auto or one of: {', '.join(names())}") from None
+
+
+def of_run(info: dict) -> Family:
+    """The family of a run, from its run.json (runs from before families were recorded: SD1)."""
+    return get((info.get("base") or {}).get("family") or "sd1")
+
+
+def for_base(name: str, base: str) -> Family:
+    """The family a profile trains: model.family when named; for "auto", the newest family that
+    claims model.base by itself (a causal LM's config.json), else SD1, whose run start detects
+    the diffusion family from the base's own files (`loracli.families.loading.resolve_base`)."""
+    if name != "auto":
+        return get(name)
+    return next((f for f in reversed(all()) if f.claims_base(base)), get("sd1"))
 
 
 def detect(folder: Path) -> str:
@@ -84,5 +100,5 @@ for _family in _BUILT_IN:
     register(_family)
 
 
-__all__ = ["Configs", "Family", "Geometry", "all", "detect", "detect_checkpoint", "get",
-           "names", "register", "unregister"]
+__all__ = ["Configs", "Family", "Geometry", "RunKind", "all", "detect", "detect_checkpoint",
+           "for_base", "get", "names", "of_run", "register", "unregister"]

@@ -13,11 +13,14 @@ one dataclass). The rest of `loracli` reads only what this protocol names:
   a UNet, or FLUX's transformer on 2x2-packed latents; `loracli.families.flux`, `.sd3`);
 - the training objective (`objective(prediction_type)`, see `loracli.families.objectives`);
 - default LoRA targets, the sampling pipeline class, the kohya key layout, and the versions that
-  export metadata and `lora inspect` write and read.
+  export metadata and `lora inspect` write and read;
+- how its runs start, train, export and are inspected (`runs`, a `RunKind`): the diffusion
+  families share `DIFFUSION`; a causal LM has its own (`loracli.families.causal_lm`).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,41 @@ def vae_geometry(vae_config: Mapping, denoiser_config: Mapping, where: str = "th
     return Geometry(channels, 2 ** (len(blocks) - 1), scaling, shift, 2 ** max(down, 0))
 
 
+@dataclass(frozen=True)
+class RunKind:
+    """How a family's runs are started, trained, exported and inspected.
+
+    Each hook is a "module:attribute" reference, imported when used: the implementations (the
+    training loop's tasks, the exporters) import `loracli.families`, so a family cannot import
+    them. `runs.start`, the loop, `lora export` and `lora inspect` call only these:
+
+    start   (run_dir, profile, version, warn): writes profile.toml, dataset.json, run.json
+    task    (run_dir, profile, accelerator, weight_dtype, resumed, warn, status): the loop's task
+    export  (run_dir, format, step, dtype, output, name, force, weight, keep_paths): one export
+    """
+
+    start: str
+    task: str
+    export: str
+    formats: tuple[str, ...]   # `lora export --format` values; the first is the default
+    unit: str = "images"       # what one example of a batch is, in messages
+    inspect: str = ""          # (path) -> the `lora inspect` report of a file with a suffix below
+    inspects: tuple[str, ...] = ()
+
+    def load(self, hook: str):
+        module, _, attribute = getattr(self, hook).partition(":")
+        found = importlib.import_module(module)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+        return found
+
+
+DIFFUSION = RunKind(start="loracli.training.diffusion:start_run",
+                    task="loracli.training.diffusion:DiffusionTask",
+                    export="loracli.exporting.export:export_run",
+                    formats=("kohya", "diffusers", "peft", "merged"))
+
+
 class Configs:
     """A diffusers folder's JSON configs, read on demand (detection reads no weights)."""
 
@@ -118,8 +156,12 @@ class Family(Protocol):
     ss_v2: bool                        # kohya's ss_v2 flag
     modelspec_prefix: str              # modelspec.architecture starts with this
     context_width: int | None          # cross-attention width of the real models (inspection)
+    openclip_encoders: tuple[str, ...]  # text encoders A1111 runs as OpenCLIP (SD2, SDXL's 2nd)
+    projection_encoders: tuple[str, ...]  # encoders whose text_projection ComfyUI patches
+    runs: RunKind                      # how its runs start, train, export (DIFFUSION for images)
 
     def recognizes(self, configs: Configs) -> bool: ...
+    def claims_base(self, base: str) -> bool: ...  # model.base is its own (auto, before loading)
     def recognizes_checkpoint(self, keys: list[str]) -> bool: ...
     def config_alias(self, prediction: str) -> str: ...
     def geometry(self, vae_config: Mapping, denoiser_config: Mapping, where: str) -> Geometry: ...

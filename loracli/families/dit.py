@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 from loracli.errors import LoraError
-from loracli.families.base import Configs, Geometry, vae_geometry
+from loracli.families.base import DIFFUSION, Configs, Geometry, RunKind, vae_geometry
 from loracli.families.objectives import FlowMatching
 
 CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -60,6 +60,13 @@ class Transformer:
     ss_v2: bool = False
     context_width: int | None = None
     check_single_file: Callable | None = None  # (path) → None, or a LoraError: before a run
+    openclip_encoders: tuple[str, ...] = ()
+    projection_encoders: tuple[str, ...] = ()
+    runs: RunKind = DIFFUSION
+
+    def claims_base(self, base: str) -> bool:
+        """Diffusion bases are recognised from their files once resolved (`recognizes`)."""
+        return False
 
     @property
     def components(self) -> tuple[str, ...]:

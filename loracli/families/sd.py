@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from loracli.errors import LoraError
-from loracli.families.base import Configs, Geometry, vae_geometry
+from loracli.families.base import DIFFUSION, Configs, Geometry, RunKind, vae_geometry
 from loracli.families.objectives import DDPM_OBJECTIVES
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -89,6 +89,13 @@ class StableDiffusion:
     objectives: Mapping = field(default_factory=lambda: DDPM_OBJECTIVES)
     denoiser: str = "unet"
     forward: Callable = forward
+    openclip_encoders: tuple[str, ...] = ()    # A1111 runs these as OpenCLIP, not transformers
+    projection_encoders: tuple[str, ...] = ()  # ComfyUI also patches their text_projection
+    runs: RunKind = DIFFUSION
+
+    def claims_base(self, base: str) -> bool:
+        """Diffusion bases are recognised from their files once resolved (`recognizes`)."""
+        return False
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -155,7 +162,7 @@ SD2 = StableDiffusion(
     base_version="sd_v2", modelspec_prefix="stable-diffusion-v2",
     modelspec_architectures={"epsilon": "stable-diffusion-v2-512",
                              "v_prediction": "stable-diffusion-v2-768-v"},
-    ss_v2=True, context_width=1024)
+    ss_v2=True, context_width=1024, openclip_encoders=("text_encoder",))
 
 SDXL = StableDiffusion(
     name="sdxl", text_encoders=("text_encoder", "text_encoder_2"),
@@ -168,6 +175,7 @@ SDXL = StableDiffusion(
     kohya_unet_layout="ldm", base_version="sdxl_base_v1-0", modelspec_prefix="stable-diffusion-xl",
     modelspec_architectures={"epsilon": "stable-diffusion-xl-v1-base"},
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
-    context_width=2048)
+    context_width=2048, openclip_encoders=("text_encoder_2",),
+    projection_encoders=("text_encoder_2",))
 
 FAMILIES = (SD1, SD2, SDXL)  # most general first: detection asks the most specific first

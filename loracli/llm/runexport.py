@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracli.errors import LoraError
+from loracli.families.causal_lm import RUNS
 from loracli.llm.task import COMPONENT, TEMPLATE_FILE, resolve_base
 from loracli.training import runs
 
-FORMATS = ("peft", "merged", "gguf")
+FORMATS = RUNS.formats  # peft, merged, gguf
 
 
 def _base_folder(info: dict) -> Path:

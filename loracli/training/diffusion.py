@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from loracli import profiles
+from loracli import atomic, families, profiles
 from loracli.exporting import provenance
 from loracli.training import dataset as ds
 from loracli.training.batches import Batch, Batches
@@ -23,6 +23,34 @@ def _recorded_fingerprint(run_dir: Path) -> str | None:
         return json.loads((run_dir / "dataset.json").read_text("utf-8")).get("fingerprint")
     except (OSError, ValueError):
         return None
+
+
+def start_run(run_dir: Path, profile: profiles.Profile, version: str,
+              warn: Callable[[str], None]) -> None:
+    """A new image run: the base resolved (its family detected) and the images scanned before
+    anything is written; then profile.toml, dataset.json and run.json (the start hook of
+    `loracli.families.base.DIFFUSION`)."""
+    import datetime as dt
+
+    from loracli.families import loading
+    from loracli.training import quantize
+
+    base = loading.resolve_base(profile.model.base, profile.model.family,
+                                profile.model.prediction_type, profile.model.vae)
+    family = families.get(base.family)
+    quantize.check(profile.model.quantize, family)  # before anything is written
+    examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trained = list(family.trainable) if profile.lora.train_text_encoder else [family.denoiser]
+    atomic.write_text(run_dir / "profile.toml", profile.to_toml())
+    atomic.write_json(run_dir / "dataset.json", {
+        "num_images": len(examples), "resolution": profile.data.resolution,
+        "tag_frequency": ds.tag_frequency(examples), "fingerprint": ds.fingerprint(examples)})
+    atomic.write_json(run_dir / "run.json", {
+        "lora_version": version,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name, "base": base.to_dict(), "components": trained})
 
 
 class DiffusionTask:

@@ -3,9 +3,10 @@
 `runs.start(profile)` makes (or finds) the run folder; `run(run_dir)` trains it from its newest
 complete checkpoint to the end: `_setup` builds everything, `_loop` reads top to bottom.
 
-What is trained on is a *task*; the loop knows nothing else about the model or the data:
-`loracli.training.diffusion.DiffusionTask` (a diffusion model's denoiser) or `loracli.llm.task.
-CausalLMTask` (a language model, for runs whose run.json says causal-lm); a task has:
+What is trained on is a *task*; the loop knows nothing else about the model or the data. The
+run's family (run.json's base.family) names it (`family.runs.task`, see `loracli.families.base.
+RunKind`): `loracli.training.diffusion.DiffusionTask` (a diffusion model's denoiser) or
+`loracli.llm.task.CausalLMTask` (a language model); a task has:
 
     modules              {name: nn.Module} with LoRA layers injected (their LoRA parameters
                          require grad, nothing else does); the loop wraps them for DDP
@@ -94,8 +95,6 @@ def _setup(run_dir: Path, warn, status, extra_steps: int, until_step: int) -> Se
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from loracli.training.diffusion import DiffusionTask
-
     profile = runs.load_profile(run_dir)
     t = profile.train
     cuda = torch.cuda.is_available()
@@ -120,18 +119,13 @@ def _setup(run_dir: Path, warn, status, extra_steps: int, until_step: int) -> Se
         status(f"resuming from step {ckpt.step}")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-    from loracli.llm import runfolder
-
-    make_task = DiffusionTask
-    if runfolder.is_llm_run(run_dir):  # a language model (run.json base.family = causal-lm)
-        from loracli.llm.task import CausalLMTask
-
-        make_task = CausalLMTask.for_run
-    task = make_task(run_dir, profile, accelerator, weight_dtype, ckpt is not None, warn, status)
+    kind = runs.family_of(run_dir).runs  # the family's runs: diffusion, causal LM, …
+    task = kind.load("task")(run_dir, profile, accelerator, weight_dtype, ckpt is not None,
+                             warn, status)
     accum = t.gradient_accumulation
     if state.get("global_batch", task.global_batch) != task.global_batch:
         raise LoraError(f"this run was trained with a global batch of {state['global_batch']} "
-                        f"images; now it would be {task.global_batch}",
+                        f"{kind.unit}; now it would be {task.global_batch}",
                         f"resume with --processes {state.get('processes', 1)}")
     max_steps = state.get("max_steps") or t.max_steps or \
         t.epochs * math.ceil(task.batches_per_epoch / accum)

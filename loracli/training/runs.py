@@ -96,10 +96,7 @@ def start(profile, restart: bool = False,
     """
     import datetime as dt
 
-    from loracli import __version__, atomic, families
-    from loracli.families import loading
-    from loracli.training import dataset as ds
-    from loracli.training import quantize
+    from loracli import __version__, families
 
     warn = on_warning or (lambda _m: None)
     profile = _frozen(profile)
@@ -125,29 +122,16 @@ def start(profile, restart: bool = False,
                     f"profile {profile.name!r} changed since the run in {run_dir} started",
                     hint, details=changed)
             return run_dir, True
-    from loracli.llm import runfolder
-
-    if runfolder.wants(profile):  # a causal language model: its own data and base checks
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "profile.toml", profile.to_toml())
-        runfolder.write_start(run_dir, profile, __version__)
-        return run_dir, False
-    base = loading.resolve_base(profile.model.base, profile.model.family,
-                                profile.model.prediction_type, profile.model.vae)
-    family = families.get(base.family)
-    quantize.check(profile.model.quantize, family)  # before anything is written
-    examples = ds.scan(profile.data.dir, profile.data.caption_ext, profile.data.trigger, warn)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trained = list(family.trainable) if profile.lora.train_text_encoder else [family.denoiser]
-    atomic.write_text(run_dir / "profile.toml", profile.to_toml())
-    atomic.write_json(run_dir / "dataset.json", {
-        "num_images": len(examples), "resolution": profile.data.resolution,
-        "tag_frequency": ds.tag_frequency(examples), "fingerprint": ds.fingerprint(examples)})
-    atomic.write_json(run_dir / "run.json", {
-        "lora_version": __version__,
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "profile": profile.name, "base": base.to_dict(), "components": trained})
+    family = families.for_base(profile.model.family, profile.model.base)
+    family.runs.load("start")(run_dir, profile, __version__, warn)
     return run_dir, False
+
+
+def family_of(run_dir: Path):
+    """The model family of a run (`loracli.families`), from its run.json."""
+    from loracli import families
+
+    return families.of_run(info(run_dir))
 
 
 def pick_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Checkpoint | None:
