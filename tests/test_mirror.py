@@ -200,13 +200,15 @@ def test_names_for_completion_are_cheap(isolated):
 
     settings.save({"mirrors": {"corp": {"url": "https://hf.corp.example"}}})
     (isolated["cache"] / "models--someorg--thing" / "snapshots").mkdir(parents=True)
-    code = ("import sys\nfrom loracli import mirrors, models\n"
+    code = ("import sys\nfrom loracli.hub import mirrors, models\n"
             "print(' '.join(models.names())); print(' '.join(mirrors.names()))\n"
             "print(','.join(m for m in ('torch', 'diffusers', 'huggingface_hub', 'urllib3', 'filelock')"
             " if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     aliases, names, heavy = out.stdout.split("\n")[:3]
-    assert aliases.split() == ["sd15", "sd21", "sd21-base", "sdxl", "clip-vit-l-14", "tiny-sd",
-                               "someorg/thing"]
+    offered = aliases.split()
+    assert offered[:4] == ["sd15", "sd21", "sd21-base", "sdxl"]  # aliases first, then the cache
+    assert {"flux-dev", "sd35-medium", "qwen2.5-0.5b-instruct", "tiny-sd", "tiny-llama"} <= set(offered)
+    assert offered[-1] == "someorg/thing" and len(offered) == len(set(offered))
     assert names.split() == ["hf", "hf-mirror", "tuna", "corp"]
     assert heavy == ""
