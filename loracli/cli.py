@@ -12,6 +12,7 @@ module imports torch/diffusers/huggingface_hub inside the function that needs th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -154,10 +155,16 @@ def _register() -> None:
 _register()
 
 
+def quiet_third_party_notices() -> None:
+    """bitsandbytes (imported by peft when installed) logs a CPU-kernel notice nobody can act on."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run `lora ARGS…` and return its exit status; every exception is mapped by `ERRORS`."""
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     as_json = "--json" in args
+    quiet_third_party_notices()
     if "_LORA_COMPLETE" in os.environ:  # a <TAB> from the script `lora completion SHELL` printed
         from typer.completion import completion_init  # registers bash/zsh/fish (Typer < 0.30)
 

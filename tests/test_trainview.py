@@ -162,6 +162,18 @@ def test_plain_view_is_labelled_lines(capsys):
     assert "\x1b[" not in "\n".join(err)
 
 
+def test_plain_view_counts_a_long_phase_without_a_line_per_item(capsys):
+    view = trainview.PlainView()
+    view.on_status("loading the model")
+    for i in range(4001):
+        view.on_status(f"caching latents {i}/4000")
+    view.on_status("caching text 0/3")
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == ["loading the model", "caching latents 0/4000"]
+    assert "caching latents 4000/4000" in err and err[-1] == "caching text 0/3"
+    assert len(err) < 10  # not 4000 lines in a log
+
+
 def test_speed_and_eta_are_averaged_over_a_window():
     view = trainview.PlainView()
     m = {"max_steps": 1000, "epoch": 1.0, "loss": 0.1, "loss_smooth": 0.1, "lr": 1e-4,

@@ -103,6 +103,9 @@ def check_shared(run_dir: Path, where: Layout, state, timeout: float | None = No
 
 def main(argv: list[str] | None = None) -> int:
     """One process under `accelerate launch`; the local main one reports on stderr."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # see cli.quiet_third_party_notices
     import torch
     from accelerate import PartialState
 

@@ -16,6 +16,7 @@ loss curve and the export command.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from pathlib import Path
@@ -163,9 +164,18 @@ class PlainView(View):
     def __init__(self, every: int = 0):
         super().__init__()
         self.every = every
+        self._phase, self._said = "", 0.0
 
     def on_status(self, text: str) -> None:
+        """Each phase once, then its count ("caching latents 120/4000") at most every 5 s."""
         super().on_status(text)
+        counted = re.match(r"^(.*?)\s*(\d+)/(\d+)$", text)
+        phase = counted.group(1) if counted else text
+        now = time.monotonic()
+        if counted and phase == self._phase and counted.group(2) != counted.group(3) \
+                and now - self._said < 5:
+            return
+        self._phase, self._said = phase, now
         self.say(text)
 
     def on_step(self, m: dict) -> None:
