@@ -58,7 +58,7 @@ CHUNK = 1 << 16
 
 @dataclass
 class Fault:
-    kind: str  # drop | status | corrupt | stall | escape | trickle | commit | oid | name | echo
+    kind: str  # drop | status | corrupt | stall | escape | trickle | commit | oid | name | echo | link | pages
     path: str = "*"
     value: str = ""
     times: int = 1
@@ -221,6 +221,15 @@ class _Handler(HostileHub, BaseHTTPRequestHandler):
             if "recursive=true" not in query.lower() and "recursive=1" not in query:
                 base = (sub.rstrip("/") + "/") if sub else ""
                 entries = [e for e in entries if "/" not in e["path"][len(base):]]
+            pages = self._fault("pages")
+            if pages:  # two entries a page; the Link names `value` as its host (an upstream's URL)
+                start = int((re.search(r"cursor=(\d+)", query) or [0, 0])[1])
+                more = start + 2 < len(entries)
+                entries = entries[start:start + 2]
+                if more:
+                    nxt = f"{pages.value}{path}?recursive=true&expand=false&cursor={start + 2}"
+                    return self._send_json(entries, headers={"Link": f'<{nxt}>; rel="next"'})
+                return self._send_json(entries)
             link = self._fault("link")
             return self._send_json(entries, headers={"Link": f'<{link.value}>; rel="next"'} if link else None)
         m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)

@@ -156,6 +156,32 @@ def test_a_revision_that_leaves_the_refs_folder_is_refused(cli, online):
     assert "hint: lora fetch org/tiny" in r.stderr
 
 
+def test_a_paged_file_list_naming_the_upstream_host_is_read_from_the_mirror(cli, online, repo,
+                                                                              monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_NeverLeavesTheMirror")
+    # a mirror that copies huggingface.co's Link headers: the next pages are asked of the mirror
+    faults = [Fault("pages", value="https://huggingface.co", times=0)]
+    with serve({"org/tiny": repo}, faults=faults) as url:
+        r = cli("fetch", "org/tiny", "--mirror", url, "--strict", "--json")
+        pages = [e["path"] for e in url.log if "/tree/" in e["path"]]
+    assert r.exit_code == 0, r.stderr
+    assert len(pages) >= 2 and any("cursor=" in p for p in pages)
+    with serve({"org/tiny": repo}) as plain:  # the same model listed in one page
+        whole = cli("fetch", "org/tiny", "--mirror", plain, "--strict", "--dry-run", "--json")
+    expected = {f["path"] for f in json.loads(whole.stdout)["files"]}
+    assert {f["path"] for f in json.loads(r.stdout)["files"]} == expected and len(expected) > 2
+
+
+def test_a_file_list_whose_pages_repeat_is_refused(cli, online, repo):
+    loop = Fault("link", times=0)
+    with serve({"org/tiny": repo}, faults=[loop]) as url:
+        commit = json.loads(cli("fetch", "org/tiny", "--mirror", url, "--dry-run", "--json",
+                                "--strict").stdout or "{}").get("commit")
+        loop.value = f"{url}/api/models/org/tiny/tree/{commit}?recursive=true&expand=false"
+        r = cli("fetch", "org/tiny", "--mirror", url, "--strict")
+    assert r.exit_code == 1 and "pages never end" in r.stderr and "internal error" not in r.stderr
+
+
 def test_a_next_page_on_another_server_is_not_followed(cli, online, repo, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_NeverLeavesTheMirror")
     with serve({}) as elsewhere:

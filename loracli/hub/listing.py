@@ -10,13 +10,14 @@ whole with a `MirrorError` (state `unsafe` or `bad-answer`), and the next mirror
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from loracli.hub import hubcache, models
 from loracli.hub.download import Events, RemoteFile
 from loracli.hub.mirrors import Mirror
 from loracli.hub.transport import Client, MirrorError
 
+MAX_PAGES = 10_000  # a file list longer than this is a mirror answering in circles
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".msgpack", ".h5")
 
 
@@ -78,18 +79,36 @@ def list_hub(client: Client, mirror: Mirror, ref: models.ModelRef) -> Listing:
         commit = hubcache.check_commit(info.get("sha") if isinstance(info, dict) else None)
     except hubcache.BadName as err:
         raise _bad(client, f"revision answer: {err.message}", "unsafe") from None
-    url = f"{mirror.url}/api/models/{ref.repo_id}/tree/{commit}?recursive=true&expand=false"
+    tree = f"/api/models/{ref.repo_id}/tree/{commit}"
+    url = f"{mirror.url}{tree}?recursive=true&expand=false"
     entries: list = []
+    seen: set[str] = set()
     while url:
+        if url in seen or len(seen) >= MAX_PAGES:
+            raise _bad(client, f"the file list's pages never end (page {len(seen) + 1} is "
+                               f"{url[:80]})")
+        seen.add(url)
         page, headers = client.get_json(mirror, url)
         if not isinstance(page, list):
             raise _bad(client, "the file list is not a list")
         entries.extend(page)
-        url = _next_link(headers.get("Link", ""))
-        if url and not url.startswith(mirror.url + "/"):  # never send the token elsewhere
-            raise _bad(client, f"the next page of the file list is on another server ({url[:80]})",
-                       "unsafe")
+        url = _next_page(mirror.url, tree, headers.get("Link", ""), client)
     return Listing(ref.repo_id, ref.revision, commit, files_from_tree(client, entries), mirror)
+
+
+def _next_page(base: str, tree: str, link: str, client: Client) -> str | None:
+    """The next page's URL, asked of the same mirror: a mirror that copies the upstream's Link
+    header names huggingface.co, which is the host a blocked network cannot reach, so a link to
+    this same tree listing elsewhere is re-based onto the mirror; a link anywhere else is refused
+    (the token would go with it)."""
+    url = _next_link(link)
+    if not url or url.startswith(base + "/"):
+        return url
+    parts = urlsplit(url)
+    if parts.path == tree:
+        return f"{base}{tree}" + (f"?{parts.query}" if parts.query else "")
+    raise _bad(client, f"the next page of the file list is on another server ({url[:80]})",
+               "unsafe")
 
 
 def _next_link(link: str) -> str | None:
