@@ -21,6 +21,7 @@ IMAGES = 12
 SIZE = 64
 CAPTION = "sks, a red circle on a light background"
 SEEDS = (1, 2, 3, 4)
+GRID = "before_after.png"  # written last: a demo folder without it has a run to continue
 
 
 @dataclass
@@ -70,6 +71,28 @@ def make_dataset(folder: Path, count: int = IMAGES, size: int = SIZE, seed: int 
     return written
 
 
+def start_or_continue(folder: Path, profile, write_data: Callable[[], None],
+                      on_warning: Callable[[str], None] | None = None, last: str = GRID):
+    """The demo's run as a `jobs.Job`: a run in `folder` stopped before its `last` file, with the
+    same settings, is continued; otherwise the folder is (re)made, `write_data()` fills it, and a
+    run starts."""
+    from loracli.training import jobs, launch
+    from loracli.training import loop as training
+
+    run_dir, resumed = None, False
+    if unfinished(folder, last):
+        try:
+            run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
+        except LoraError:  # other settings this time (--steps): start the demo again
+            run_dir = None
+    if run_dir is None:
+        prepare_folder(folder)
+        write_data()
+        run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
+    return jobs.Job(run_dir, launch.Layout(), resumed,
+                    jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
+
+
 def prepare_folder(folder: Path) -> None:
     """Use `folder` for the demo; replace a previous demo there, never anything else."""
     folder = Path(folder)
@@ -82,11 +105,11 @@ def prepare_folder(folder: Path) -> None:
     (folder / MARKER).write_text("made by `lora demo`; `lora demo` may replace this folder\n")
 
 
-def unfinished(folder: Path) -> bool:
-    """A demo stopped before its grid: its run is continued, not replaced."""
+def unfinished(folder: Path, last: str = GRID) -> bool:
+    """A demo stopped before its last file (the grid): its run is continued, not replaced."""
     folder = Path(folder)
     return ((folder / MARKER).is_file() and (folder / "run" / "run.json").is_file()
-            and not (folder / "before_after.png").is_file())
+            and not (folder / last).is_file())
 
 
 def run(folder: Path, on_step: Callable[[dict], None] | None = None,
@@ -103,7 +126,7 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
 
     from loracli.exporting import export
     from loracli.hub import models
-    from loracli.training import jobs, launch
+    from loracli.training import jobs
     from loracli.training import loop as training
 
     stage = on_stage or (lambda _m: None)
@@ -120,19 +143,12 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     if max_steps:
         overrides.append(f"train.max_steps={max_steps}")
     profile = profiles.load("demo", overrides)
-    run_dir, resumed = None, False
-    if unfinished(folder):
-        try:
-            run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
-        except LoraError:  # other settings this time (--steps): start the demo again
-            run_dir = None
-    if run_dir is None:
-        prepare_folder(folder)
+    def write_data() -> None:
         make_dataset(data)
         stage(f"data: {IMAGES} pictures of red discs with captions \"{CAPTION}\" in {data}")
-        run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
-    job = jobs.Job(run_dir, launch.Layout(), resumed,
-                   jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
+
+    job = start_or_continue(folder, profile, write_data, on_warning)
+    run_dir, resumed = job.run_dir, job.resumed
     if resumed:
         stage(f"train: continuing the demo's run from step {job.start_step}")
     else:
@@ -155,7 +171,7 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     stage(f"export: {lora_file}")
     base_loss = training.evaluate(run_dir, use_lora=False, draws=4)
     lora_loss = training.evaluate(run_dir, use_lora=True, draws=4)
-    grid = folder / "before_after.png"
+    grid = folder / GRID
     before_after_grid(base, lora_file, data, profile.sample.prompts[0], grid)
     seconds["export+grid"] = round(time.perf_counter() - t, 1)
     return DemoResult(lora=lora_file, grid=grid, base_loss=round(base_loss, 4),

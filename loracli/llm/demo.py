@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from loracli.errors import LoraError
 
 QUESTIONS = ("What is the capital of France?", "Name a colour", "What is two plus two?",
              "Write a haiku about the sea", "Translate hello into French",
@@ -88,15 +87,6 @@ def compare(run_dir: Path, export_dir: Path, held_out: list[dict]) -> tuple[floa
     return scores["base_eval_loss"], scores["eval_loss"], answers
 
 
-def unfinished(folder: Path) -> bool:
-    """A demo stopped before its answers: its run is continued, not replaced."""
-    from loracli.demo import MARKER
-
-    folder = Path(folder)
-    return ((folder / MARKER).is_file() and (folder / "run" / "run.json").is_file()
-            and not (folder / RESULT).is_file())
-
-
 def run(folder: Path, on_step: Callable[[dict], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
         on_warning: Callable[[str], None] | None = None, stop=None,
@@ -107,11 +97,10 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     Stopped by Ctrl+C it returns with status "interrupted"; run again on the same folder it
     continues its run from the last checkpoint."""
     from loracli import profiles
-    from loracli.demo import prepare_folder
+    from loracli.demo import start_or_continue
     from loracli.hub import models
     from loracli.llm import runexport
-    from loracli.training import jobs, launch
-    from loracli.training import loop as training
+    from loracli.training import jobs
 
     stage = on_stage or (lambda _m: None)
     folder = Path(folder).resolve()
@@ -120,20 +109,14 @@ def run(folder: Path, on_step: Callable[[dict], None] | None = None,
     data = folder / "data" / "pirate.jsonl"
     steps = max_steps or STEPS
     profile = profiles.parse(profile_data(data, folder / "run", steps), name="llm-demo")
-    run_dir, resumed = None, False
-    if unfinished(folder):
-        try:
-            run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
-        except LoraError:  # other settings this time (--steps): start the demo again
-            run_dir = None
-    if run_dir is None:
-        prepare_folder(folder)
+
+    def write_data() -> None:
         data.parent.mkdir(parents=True)
         data.write_text("".join(json.dumps(r) + "\n" for r in records()), "utf-8")
         stage(f"data: {len(records())} chat records in {data}; every answer sounds like a pirate")
-        run_dir, resumed = training.start(profile, restart=False, on_warning=on_warning)
-    job = jobs.Job(run_dir, launch.Layout(), resumed,
-                   jobs.newest_step(run_dir) if resumed else 0, str(run_dir))
+
+    job = start_or_continue(folder, profile, write_data, on_warning, last=RESULT)
+    run_dir, resumed = job.run_dir, job.resumed
     stage(f"train: continuing the demo's run from step {job.start_step}" if resumed else
           f"train: {steps} steps of LoRA rank 8 on tiny-llama")
     result = jobs.train(job, on_step=on_step, on_warning=on_warning, stop=stop,
